@@ -1,0 +1,1 @@
+"""attrlab cluster package."""

@@ -1,0 +1,1 @@
+"""attrlab jobs package."""

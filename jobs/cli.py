@@ -1,0 +1,38 @@
+"""The `attrlab` command line: one entry point, subcommands registered explicitly."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from shards.format import ShardError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs import quickstart
+    from shards import cli as shards_cli
+
+    p = argparse.ArgumentParser(prog="attrlab", description="visual-attribute models on a Ray cluster")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    shards_cli.add_parser(sub)
+    quickstart.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ShardError as e:
+        # user-fixable: one line naming the file/key/field, no traceback
+        print(f"attrlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attrlab: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""attrlab models package."""

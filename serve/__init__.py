@@ -1,0 +1,1 @@
+"""attrlab serve package."""

@@ -1,0 +1,1 @@
+"""WebDataset shards: format, writer, reader, embedded datasets and importers."""

@@ -1,0 +1,1 @@
+"""attrlab tests."""
