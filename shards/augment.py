@@ -117,6 +117,7 @@ class SampleDecoder:
                 raise ValueError(f"pair has no image {side}.jpg|png")
             sides[side] = self.one(data, label[f"label_{side}"])
         out = {f"{k}_{side}": v for side, d in sides.items() for k, v in d.items()}
+        out["key_a"], out["key_b"] = label["key_a"], label["key_b"]
         out["attribute"] = self.index[label["attribute"]]
         out["label"] = torch.tensor(float(label["label"]))
         return out

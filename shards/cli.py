@@ -67,7 +67,8 @@ def _write_args(p: argparse.ArgumentParser) -> None:
 def summary(root: Path) -> str:
     meta, man = read_meta(root), read_manifest(root)
     lines = [f"{meta.name} at {Path(root).resolve()}  (manifest checksum {man['checksum']})"]
-    for split, e in man["splits"].items():
+    for split in meta.splits:
+        e = man["splits"].get(split, {"count": 0, "shards": []})
         pe = man.get("pair_splits", {}).get(split)
         pairs = f", {pe['count']} pairs in {len(pe['shards'])} shards" if pe else ""
         lines.append(f"  {split:<8} {e['count']:>7} images in {len(e['shards'])} shards{pairs}")
@@ -88,9 +89,11 @@ def cmd_build(a: argparse.Namespace) -> int:
 
 
 def cmd_import(a: argparse.Namespace) -> int:
-    from shards.importers import ImportOptions, plan_import
+    from shards.importers import IMPORTERS, ImportOptions, plan_import
     from shards.writer import write_dataset
 
+    if a.name not in IMPORTERS:
+        raise ShardError(f"unknown dataset {a.name!r}; importers: {', '.join(sorted(IMPORTERS))}")
     if not 0 <= a.val_fraction < 1:
         raise ShardError(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
     opts = ImportOptions(resize=a.resize, seed=a.seed, val_fraction=a.val_fraction, options=_kv(a.opt, "--opt"))
@@ -113,7 +116,8 @@ def cmd_validate(a: argparse.Namespace) -> int:
             print(f"... and {len(problems) - 100} more problems")
         print(f"{a.dir}: {len(problems)} problems")
         return 1
-    print(f"{a.dir}: OK ({', '.join(f'{k} {v}' for k, v in counts.items())} samples)")
+    order = read_meta(a.dir).splits
+    print(f"{a.dir}: OK ({', '.join(f'{k} {counts[k]}' for k in order if k in counts)} samples)")
     return 0
 
 

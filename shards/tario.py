@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -79,7 +80,11 @@ def iter_tar_groups(path: Path, fileobj: BinaryIO | None = None) -> Iterator[tup
                     last = cur_key
                 cur_key, cur = key, {}
             cur[ext] = data
+        end = tf.offset
         tf.close()
+        # tarfile ends silently at a truncated header; a complete archive has 2 zero blocks after
+        if fileobj is None and os.path.getsize(path) < end + 2 * tarfile.BLOCKSIZE:
+            raise tarfile.ReadError("archive ends inside a member header (truncated file)")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise TarCorrupt(Path(path), last, e) from None
     if cur_key is not None:

@@ -81,8 +81,11 @@ def _write_sample_shard(out: Path, name: str, specs: list[Spec], load: Callable[
             if s.key != spec["key"]:
                 raise ShardError(f"loader returned key {s.key!r} for spec {spec['key']!r}")
             check_sample(s, meta)
-            off, size = w.add(f"{s.key}.{s.ext}", s.image)
-            joff, jsize = w.add(f"{s.key}.json", json.dumps(s.label_json(), sort_keys=True).encode())
+            label = json.dumps(s.label_json(), sort_keys=True).encode()
+            loc = {}
+            for member, data in sorted([(f"{s.key}.{s.ext}", s.image), (f"{s.key}.json", label)]):
+                loc[member] = w.add(member, data)  # members sorted by name: key, then extension
+            (off, size), (joff, jsize) = loc[f"{s.key}.{s.ext}"], loc[f"{s.key}.json"]
             index.append([s.key, name, off, size, s.ext, joff, jsize])
         w.close()
     return _finish_shard(out, name, tmp, fp, len(specs), index)

@@ -21,7 +21,7 @@ def load(spec: dict[str, Any]) -> Sample:
     size = spec.get("size", 16)
     img = (rng.random((size, size, 3)) * 60).astype(np.uint8)
     b = spec["bright"]
-    img[4:12, 4:12] = int(80 + 170 * b)
+    img[4:12, 4:12] = min(255, int(80 + 170 * b))
     if spec["red"]:
         img[..., 0] = 255
     ext = spec.get("ext", "png")
