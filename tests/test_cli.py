@@ -90,3 +90,29 @@ def test_console_script_is_installed_and_builds_a_real_dataset(tmp_path: Path) -
     assert "lfw_subset" in res.stdout and "images in" in res.stdout
     res = subprocess.run([str(exe), "shards", "validate", str(out)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout + res.stderr
+
+
+def test_import_generic_end_to_end_and_rerun_resumes(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from PIL import Image
+
+    src = tmp_path / "photos"
+    (src / "img").mkdir(parents=True)
+    rows = ["path,split,category,instance,smile"]
+    for i in range(6):
+        Image.new("RGB", (20, 16), (40 * i, 10, 200)).save(src / "img" / f"p{i}.jpg")
+        rows.append(f"img/p{i}.jpg,{'train' if i < 4 else 'test'},{'cat' if i % 2 else 'dog'},id{i // 2},{i / 10}")
+    (src / "labels.csv").write_text("\n".join(rows) + "\n")
+    (src / "pairs.csv").write_text("path_i,path_j,attribute,relation\nimg/p3.jpg,img/p0.jpg,smile,more\n")
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "shards", "import", "generic", "--src", str(src), "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert re.search(r"train\s+4 images in 1 shards, 1 pairs in 1 shards", stdout)
+    assert run(capsys, "shards", "validate", str(out))[0] == 0
+    before = (out / "train-000000.tar").stat().st_ino
+    assert run(capsys, "shards", "import", "generic", "--src", str(src), "--out", str(out), "--no-progress")[0] == 0
+    assert (out / "train-000000.tar").stat().st_ino == before  # verified shard skipped on re-run
+    from shards.reader import iter_samples
+
+    labels = {r["key"]: r["label"] for r in iter_samples(out, "test")}
+    assert sorted(v["attributes"]["smile"] for v in labels.values()) == [0.4, 0.5]
+    assert (src / "labels.csv").read_text().startswith("path,split")  # the source is untouched
