@@ -20,7 +20,7 @@ def _worker(config: dict) -> None:
     root, out = Path(config["root"]), Path(config["out"])
     rank = ray.train.get_context().get_world_rank()
     assert dist.is_initialized() and dist.get_rank() == rank
-    aug = AugmentConfig(size=16)
+    aug = AugmentConfig(resize=16, size=14)
     cfg = LoaderConfig(batch_size=3, num_workers=2, shuffle_buffer=4)
     # no rank/world_size passed: the reader takes them from torch.distributed
     eval_keys = [k for b in make_loader(root, "train", mode="eval", cfg=cfg, augment=aug) for k in b["key"]]

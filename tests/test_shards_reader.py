@@ -15,7 +15,7 @@ from shards.reader import LoaderConfig, ShardStream, iter_samples, make_loader
 from shards.writer import write_dataset
 from tests import toy
 
-AUG = AugmentConfig(size=16, crop_min=0.8, hflip=True)
+AUG = AugmentConfig(resize=16, size=14, hflip=True)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_train_epoch_gives_equal_full_batches_per_rank_deterministically(ds: Pat
         loader = make_loader(ds, "train", mode="train", cfg=cfg, augment=AUG, rank=rank, world_size=2)
         loader.dataset.set_epoch(epoch)
         batches = list(loader)
-        assert all(b["image"].shape == (4, 3, 16, 16) for b in batches)  # never a short batch
+        assert all(b["image"].shape == (4, 3, 14, 14) for b in batches)  # never a short batch
         return [b["key"] for b in batches]
 
     r0, r1 = run(0, 0), run(1, 0)
@@ -65,7 +65,7 @@ def test_samples_per_epoch_sets_the_batch_count(ds: Path) -> None:
 
 def test_pair_batches_carry_both_images_and_the_right_label(ds: Path) -> None:
     cfg = LoaderConfig(batch_size=4, num_workers=0, shuffle_buffer=1)
-    plain = AugmentConfig(size=16, crop_min=1.0, hflip=False)
+    plain = AugmentConfig(resize=16, size=16, hflip=False)
     want = {}
     for r in iter_samples(ds, "train"):
         want[r["key"]] = r["label"]["attributes"]["bright"]
@@ -103,7 +103,7 @@ def test_class_balanced_says_what_to_change_when_classes_are_too_few(ds: Path) -
 
 def test_boxes_follow_crop_and_flip(ds: Path) -> None:
     cfg = LoaderConfig(batch_size=8, num_workers=0, shuffle_buffer=4)
-    aug = AugmentConfig(size=32, crop_min=0.6, hflip=True)
+    aug = AugmentConfig(resize=40, size=32, hflip=True)
     for b in make_loader(ds, "train", mode="train", cfg=cfg, augment=aug):
         for img, box, bright in zip(b["image"], b["boxes"][:, 0], b["attributes"][:, 0]):
             x0, y0, x1, y1 = (box * 32).round().int().tolist()

@@ -142,3 +142,37 @@ def test_label_outside_metadata_is_an_error_naming_the_key(tmp_path: Path) -> No
     bad: DatasetPlan = dataclasses.replace(p, splits={"train": train, "test": p.splits["test"]})
     with pytest.raises(ShardError, match=r"sample 'train_00002': attribute 'bright': value 1.7 outside \[0, 1\]"):
         write_dataset(bad, tmp_path / "d", shard_size=5, progress=False)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_parser_reads_tars_made_by_other_tools(tmp_path: Path, fmt: int) -> None:
+    import io
+
+    from shards.tario import iter_tar_groups
+
+    long = "k" * (90 if fmt == tarfile.USTAR_FORMAT else 150)
+    members = [(f"d/{long}.json", b"{}"), (f"d/{long}.png", b"x" * 700), ("d/b2.json", b"[]")]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        d = tarfile.TarInfo("d")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    got = list(iter_tar_groups(path))
+    assert got == [(long, {"json": b"{}", "png": b"x" * 700}), ("b2", {"json": b"[]"})]
+    from shards.tario import TarCorrupt
+
+    raw = path.read_bytes()
+    png_at = raw.find(b"x" * 700)
+    path.write_bytes(raw[:png_at + 100])  # truncated inside the png payload
+    with pytest.raises(TarCorrupt, match="truncated") as e:
+        list(iter_tar_groups(path))
+    assert e.value.last_key is None
+    flipped = bytearray(raw)
+    flipped[png_at - 512 + 3] ^= 0xFF  # a bit flip inside the png's header
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(TarCorrupt, match="checksum"):
+        list(iter_tar_groups(path))
