@@ -6,8 +6,9 @@ EMBEDDED (an explicit table) and writes the returned plan.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from shards.format import ShardError
 from shards.plan import DatasetPlan
@@ -28,6 +29,36 @@ EMBEDDED: dict[str, tuple[str, str]] = {
     "cluttered_digits": ("shards.datasets.cluttered_digits", "scikit-learn digits on cluttered canvases, zero-shot split"),
     "lfw_subset": ("shards.datasets.lfw_subset", "scikit-image's 200 face / non-face photos (real-photo smoke set)"),
 }
+
+
+def knob_number(opts: Mapping[str, str], knobs: Mapping[str, tuple[Any, str]], name: str,
+                 cast: Callable[[str], float], lo: float, hi: float) -> Any:
+    """`--opt name=value` as int/float within [lo, hi], or the knob's default when absent."""
+    raw = opts.get(name)
+    if raw is None:
+        return knobs[name][0]
+    try:
+        v = cast(str(raw).strip())
+    except ValueError:
+        raise ShardError(f"--opt {name}={raw}: expected a {cast.__name__}") from None
+    if not (lo <= v <= hi) or not math.isfinite(v):
+        raise ShardError(f"--opt {name}={raw}: must be in [{lo}, {hi}]")
+    return v
+
+
+def knob_range(opts: Mapping[str, str], knobs: Mapping[str, tuple[Any, str]], name: str,
+               lo: float, hi: float) -> list[float]:
+    """`--opt name=min,max` within [lo, hi], or the knob's default when absent."""
+    raw = opts.get(name)
+    if raw is None:
+        return list(knobs[name][0])
+    try:
+        a, b = (float(x) for x in str(raw).split(","))
+    except ValueError:
+        raise ShardError(f"--opt {name}={raw}: expected 'min,max'") from None
+    if not lo <= a <= b <= hi:
+        raise ShardError(f"--opt {name}={raw}: need {lo} <= min <= max <= {hi}")
+    return [a, b]
 
 
 def plan_embedded(name: str, opts: BuildOptions) -> DatasetPlan:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from shards.datasets import BuildOptions
+from shards.datasets import BuildOptions, knob_number, knob_range
 from shards.datasets.attrworld_render import (
     BINARY, CATEGORIES, CONTINUOUS, EARS, GENERATOR_VERSION, HAIR_STYLES, REGION_OF, SHAPES,
     identity_params, image_attributes, render,
@@ -54,49 +54,26 @@ KNOBS: dict[str, tuple[Any, str]] = {
 KNOWN_OPTIONS = tuple(KNOBS)
 
 
-def _num(opts: Mapping[str, str], name: str, cast, lo: float, hi: float):
-    raw = opts.get(name)
-    if raw is None:
-        return KNOBS[name][0]
-    try:
-        v = cast(str(raw).strip())
-    except ValueError:
-        raise ShardError(f"--opt {name}={raw}: expected a {cast.__name__}") from None
-    if not (lo <= v <= hi) or (isinstance(v, float) and not math.isfinite(v)):
-        raise ShardError(f"--opt {name}={raw}: must be in [{lo}, {hi}]")
-    return v
-
-
 def _knobs(opts: BuildOptions) -> dict[str, Any]:
     o = dict(opts.options)
     k: dict[str, Any] = {}
-    raw = o.get("face_scale")
-    if raw is None:
-        k["face_scale"] = list(KNOBS["face_scale"][0])
-    else:
-        try:
-            lo, hi = (float(x) for x in str(raw).split(","))
-        except ValueError:
-            raise ShardError(f"--opt face_scale={raw}: expected 'min,max', e.g. 0.42,0.62") from None
-        if not 0.2 <= lo <= hi <= 0.8:
-            raise ShardError(f"--opt face_scale={raw}: need 0.2 <= min <= max <= 0.8")
-        k["face_scale"] = [lo, hi]
-    k["region_scale"] = _num(o, "region_scale", float, 0.5, 1.5)
-    k["rotation"] = _num(o, "rotation", float, 0.0, 45.0)
-    k["clutter"] = _num(o, "clutter", float, 0.0, 100.0)
-    k["noise"] = _num(o, "noise", float, 0.0, 0.5)
-    k["blur"] = _num(o, "blur", float, 0.0, 5.0)
-    k["jpeg"] = _num(o, "jpeg", int, 0, 100)
-    k["lighting"] = _num(o, "lighting", float, 0.0, 1.0)
-    k["subtlety"] = _num(o, "subtlety", float, 0.0, 0.95)
-    k["images_per_identity"] = _num(o, "images_per_identity", int, 3, 999)
-    k["identities"] = _num(o, "identities", int, 2, 99999) if o.get("identities") is not None else None
-    k["tau"] = _num(o, "tau", float, 0.0, 1.0)
-    k["tau_sim"] = _num(o, "tau_sim", float, 0.0, 1.0)
+    k["face_scale"] = knob_range(o, KNOBS, "face_scale", 0.2, 0.8)
+    k["region_scale"] = knob_number(o, KNOBS, "region_scale", float, 0.5, 1.5)
+    k["rotation"] = knob_number(o, KNOBS, "rotation", float, 0.0, 45.0)
+    k["clutter"] = knob_number(o, KNOBS, "clutter", float, 0.0, 100.0)
+    k["noise"] = knob_number(o, KNOBS, "noise", float, 0.0, 0.5)
+    k["blur"] = knob_number(o, KNOBS, "blur", float, 0.0, 5.0)
+    k["jpeg"] = knob_number(o, KNOBS, "jpeg", int, 0, 100)
+    k["lighting"] = knob_number(o, KNOBS, "lighting", float, 0.0, 1.0)
+    k["subtlety"] = knob_number(o, KNOBS, "subtlety", float, 0.0, 0.95)
+    k["images_per_identity"] = knob_number(o, KNOBS, "images_per_identity", int, 3, 999)
+    k["identities"] = knob_number(o, KNOBS, "identities", int, 2, 99999) if o.get("identities") is not None else None
+    k["tau"] = knob_number(o, KNOBS, "tau", float, 0.0, 1.0)
+    k["tau_sim"] = knob_number(o, KNOBS, "tau_sim", float, 0.0, 1.0)
     if k["tau_sim"] > k["tau"]:
         raise ShardError(f"--opt tau_sim={k['tau_sim']}: must not exceed tau={k['tau']}")
-    k["pairs_per_attribute"] = _num(o, "pairs_per_attribute", int, 0, 10_000_000)
-    k["unseen_fraction"] = _num(o, "unseen_fraction", float, 0.0, 0.9)
+    k["pairs_per_attribute"] = knob_number(o, KNOBS, "pairs_per_attribute", int, 0, 10_000_000)
+    k["unseen_fraction"] = knob_number(o, KNOBS, "unseen_fraction", float, 0.0, 0.9)
     return k
 
 

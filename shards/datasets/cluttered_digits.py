@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
-from shards.datasets import BuildOptions
+from shards.datasets import BuildOptions, knob_number, knob_range
 from shards.format import AttributeSpec, DatasetMeta, Sample, ShardError
 from shards.plan import DatasetPlan, encode_image, fingerprint_of
 
@@ -56,29 +56,6 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return images, d.target.astype(int)
 
 
-def _pair(raw: str, name: str, lo: float, hi: float) -> list[float]:
-    try:
-        a, b = (float(x) for x in str(raw).split(","))
-    except ValueError:
-        raise ShardError(f"--opt {name}={raw}: expected 'min,max'") from None
-    if not lo <= a <= b <= hi:
-        raise ShardError(f"--opt {name}={raw}: need {lo} <= min <= max <= {hi}")
-    return [a, b]
-
-
-def _num(o: Mapping[str, str], name: str, cast, lo: float, hi: float):
-    raw = o.get(name)
-    if raw is None:
-        return KNOBS[name][0]
-    try:
-        v = cast(str(raw).strip())
-    except ValueError:
-        raise ShardError(f"--opt {name}={raw}: expected a {cast.__name__}") from None
-    if not lo <= v <= hi:
-        raise ShardError(f"--opt {name}={raw}: must be in [{lo}, {hi}]")
-    return v
-
-
 def _knobs(opts: BuildOptions) -> dict[str, Any]:
     o = dict(opts.options)
     mode = o.get("mode", "grey")
@@ -86,13 +63,13 @@ def _knobs(opts: BuildOptions) -> dict[str, Any]:
         raise ShardError(f"--opt mode={mode}: choose grey or colour")
     return {
         "mode": mode,
-        "scale": _pair(o["scale"], "scale", 1.0, 8.0) if "scale" in o else list(KNOBS["scale"][0]),
-        "rotation": _num(o, "rotation", float, 0.0, 45.0),
-        "clutter": _num(o, "clutter", int, 0, 50),
-        "fragment": _num(o, "fragment", float, 0.2, 1.0),
-        "noise": _num(o, "noise", float, 0.0, 0.5),
-        "jpeg": _num(o, "jpeg", int, 0, 100),
-        "val_fraction": _num(o, "val_fraction", float, 0.0, 0.5),
+        "scale": knob_range(o, KNOBS, "scale", 1.0, 8.0),
+        "rotation": knob_number(o, KNOBS, "rotation", float, 0.0, 45.0),
+        "clutter": knob_number(o, KNOBS, "clutter", int, 0, 50),
+        "fragment": knob_number(o, KNOBS, "fragment", float, 0.2, 1.0),
+        "noise": knob_number(o, KNOBS, "noise", float, 0.0, 0.5),
+        "jpeg": knob_number(o, KNOBS, "jpeg", int, 0, 100),
+        "val_fraction": knob_number(o, KNOBS, "val_fraction", float, 0.0, 0.5),
     }
 
 
