@@ -1,0 +1,95 @@
+"""The shared config sections every method's run config carries, plus its own `model:` section.
+
+`jobs/configs/<method>.yaml` fills them; `attrlab train ... --set a.b=c` overrides any key.
+The resolved config is saved in the run directory with the shards' manifest checksum.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shards.augment import AugmentConfig
+from shards.reader import LoaderConfig
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = ""  # shard directory (the --data flag overrides)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    lr_mult: dict[str, float] = field(default_factory=dict)  # param-group name -> extra lr multiplier
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    max_steps: int = 1000
+    kind: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = 0
+    step_every: int = 1000  # kind=step: multiply the lr by gamma every step_every steps
+    gamma: float = 0.1
+    grad_accum: int = 1
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.grad_accum < 1:
+            raise ValueError("schedule.max_steps and schedule.grad_accum must be >= 1")
+
+
+@dataclass(frozen=True)
+class ScalingSection:
+    workers: int = 2
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    storage_path: str = ""  # shared filesystem path or object-store URI for multi-node runs
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    enabled: bool = True
+    zero_stage: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
+    config_file: str = ""  # a DeepSpeed JSON (cluster/deepspeed/*.json) our keys are merged over
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 200
+    keep: int = 2
+    max_failures: int = 1
+    fail_at_step: int = -1  # fault injection: rank 0 raises once at this step (tests, drills)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 200
+    max_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+
+
+SHARED_SECTIONS: dict[str, type] = {
+    "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection, "scaling": ScalingSection,
+    "deepspeed": DeepSpeedSection, "checkpoint": CheckpointSection, "eval": EvalSection,
+}
+
+
+def run_config_class(method: str, model_cls: type) -> type:
+    """A frozen dataclass `<Method>RunConfig` with the shared sections, `seed` and `model`."""
+    fields: list[Any] = [(name, tp, field(default_factory=tp)) for name, tp in SHARED_SECTIONS.items()]
+    fields += [("model", model_cls, field(default_factory=model_cls)), ("seed", int, field(default=0))]
+    cls_name = "".join(p.title() for p in method.split("_")) + "RunConfig"
+    cls = dataclasses.make_dataclass(cls_name, fields, frozen=True)
+    cls.__module__ = __name__
+    return cls

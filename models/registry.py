@@ -1,0 +1,78 @@
+"""The explicit method registry: name -> Method (config class, build, optimiser groups, step,
+evaluation). One training loop (jobs/train.py) drives every method through this interface.
+
+A step returns named losses per optimiser ({"main": loss} for one optimiser; {"ranker": ...,
+"generator": ...} for a GAN's alternating updates), so the same loop serves all five methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
+
+import torch
+from torch import nn
+
+from shards.format import DatasetMeta
+
+
+@dataclass
+class StepInfo:
+    """What a step may need besides the batch."""
+
+    step: int  # global optimiser step (0-based)
+    max_steps: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None  # bf16 where the device supports it, else None
+    logs: dict[str, float] = field(default_factory=dict)  # extra scalars to report (detached floats)
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """A named set of parameters with a learning-rate multiplier (per-parameter-group lrs)."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr_mult: float = 1.0
+    weight_decay: float | None = None  # None = the optimiser's
+
+
+# Evaluation gets a factory of eval-mode loaders: split name -> iterable of batches
+LoaderFactory = Callable[..., Iterable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type  # the frozen dataclass of the `model:` config section
+    data_kind: Literal["pairs", "samples", "class_balanced"]
+    build: Callable[[Any, DatasetMeta], nn.Module]
+    # optimiser name -> its parameter groups; one optimiser -> {"main": [...]}
+    optim_groups: Callable[[nn.Module, Any], Mapping[str, list[ParamGroup]]]
+    step: Callable[[nn.Module, dict[str, Any], Any, StepInfo], Mapping[str, torch.Tensor]]
+    evaluate: Callable[[nn.Module, LoaderFactory, Any, DatasetMeta], dict[str, float]]
+    val_metric: str  # higher is better; selects the reported best checkpoint
+    describe: str = ""
+
+
+def _stn_ranker() -> Method:
+    from models import stn_ranker
+
+    return stn_ranker.METHOD
+
+
+# name -> loader of its Method (imported lazily so one method's dependencies never load another's)
+REGISTRY: dict[str, Callable[[], Method]] = {
+    "stn_ranker": _stn_ranker,
+}
+
+
+def get(name: str) -> Method:
+    from shards.format import ShardError
+
+    if name not in REGISTRY:
+        raise ShardError(f"unknown method {name!r}; registered: {', '.join(REGISTRY)}")
+    return REGISTRY[name]()
+
+
+def names() -> Iterator[str]:
+    return iter(REGISTRY)
