@@ -36,8 +36,10 @@ class ParamGroup:
     weight_decay: float | None = None  # None = the optimiser's
 
 
-# Evaluation gets a factory of eval-mode loaders: split name -> iterable of batches
-LoaderFactory = Callable[..., Iterable[dict[str, Any]]]
+# Evaluation gets jobs.train.EvalData: calling it gives an eval-mode loader of the evaluated split
+# (`loaders("__eval__", kind="samples"|"pairs", full_image=bool)`); `loaders.pairs()` streams
+# that split's comparisons from pairs.tsv.
+LoaderFactory = Any
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,12 @@ class Method:
     evaluate: Callable[[nn.Module, LoaderFactory, Any, DatasetMeta], dict[str, float]]
     val_metric: str  # higher is better; selects the reported best checkpoint
     describe: str = ""
+    # optional: arrays recorded at every validation (rank 0), saved as RUN_DIR/snapshots/step_N.npz
+    # (e.g. stn_ranker's crop boxes on validation images, for the box-distribution figure)
+    snapshot: Callable[[nn.Module, LoaderFactory, Any, DatasetMeta], dict[str, Any]] | None = None
+    # optional: the paper's figures for `attrlab report`: (model, loaders, cfg, meta, run_dir, out_dir)
+    # -> list of (caption, png path relative to out_dir)
+    figures: Callable[..., list[tuple[str, str]]] | None = None
 
 
 def _stn_ranker() -> Method:

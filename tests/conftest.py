@@ -18,3 +18,16 @@ def ray_session() -> Iterator[object]:
                    runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
     yield ctx
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_attrworld(tmp_path_factory: pytest.TempPathFactory):
+    """A 96-image, 32 px attrworld shard set shared by the training tests."""
+    from shards.datasets import BuildOptions, plan_embedded
+    from shards.writer import write_dataset
+
+    out = tmp_path_factory.mktemp("data") / "attrworld"
+    plan = plan_embedded("attrworld", BuildOptions(seed=0, size=32, count=96, options={
+        "images_per_identity": "8", "pairs_per_attribute": "200", "clutter": "4"}))
+    write_dataset(plan, out, shard_size=16, workers=1, progress=False)
+    return out

@@ -1,0 +1,189 @@
+"""`attrlab train` and `attrlab eval`.
+
+    attrlab train METHOD --data DIR --out RUN_DIR [--config YAML] [--set k=v]... [--workers N]
+                  [--gpus-per-worker G] [--max-steps N] [--local]
+    attrlab eval RUN_DIR [--data DIR] [--split test]
+
+Training runs `ray.train.torch.TorchTrainer` over the shards (DeepSpeed inside each worker);
+`--local` runs the same loop in this process without Ray. Re-running with the same RUN_DIR
+resumes from its latest checkpoint; a different config in an existing RUN_DIR is refused, so
+nothing already written is overwritten by an unrelated run.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jobs import config as configlib
+from jobs.schema import run_config_class
+from models import registry
+from shards.format import ShardError, read_manifest, read_meta
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+# keys that may change between a run and its resumption (more steps, other hardware)
+RESUMABLE_CHANGES = ("schedule.max_steps", "scaling.", "eval.", "checkpoint.fail_at_step", "data.path")
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_config_class(method: str) -> type:
+    return run_config_class(method, registry.get(method).config_cls)
+
+
+def load_run_config(method: str, path: Path | None, overrides: list[str]) -> Any:
+    path = path if path is not None else CONFIG_DIR / f"{method}.yaml"
+    return configlib.load(resolve_config_class(method), path if path.is_file() else None, overrides)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
+    """Save config + data provenance, or check them against the run being resumed."""
+    manifest = read_manifest(data)
+    cfg_dict = configlib.to_dict(cfg)
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        old = yaml.safe_load(saved.read_text()) or {}
+        prev = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        if prev.get("method") not in (None, method):
+            raise ShardError(f"--out {run_dir}: holds a {prev['method']} run; choose another directory")
+        a, b = _flat(old), _flat(cfg_dict)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+        if diff:
+            k = diff[0]
+            raise ShardError(f"--out {run_dir}: resuming a run with a different config ({k}: {a.get(k)!r} -> "
+                             f"{b.get(k)!r}); use a new --out or the saved config")
+        if prev.get("manifest_checksum") not in (None, manifest["checksum"]):
+            raise ShardError(f"--out {run_dir}: was trained on shards {prev['manifest_checksum']}, --data {data} is "
+                             f"{manifest['checksum']}; use a new --out")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise ShardError(f"--out {run_dir}: exists and is not an attrlab run directory; choose a new one")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configlib.dump(cfg, saved)
+    (run_dir / "run.json").write_text(json.dumps({"method": method, "data": str(data.resolve()),
+                                                  "manifest_checksum": manifest["checksum"]}, indent=1))
+
+
+def add_parsers(sub: Any) -> None:
+    t = sub.add_parser("train", help="train a method on shards (Ray Train + DeepSpeed, or --local)")
+    t.add_argument("method", help=", ".join(registry.names()))
+    t.add_argument("--data", required=True, type=Path, help="shard directory")
+    t.add_argument("--out", required=True, type=Path, help="run directory (re-use it to resume)")
+    t.add_argument("--config", type=Path, default=None, help="YAML (default: jobs/configs/METHOD.yaml)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    t.add_argument("--workers", type=int, default=None)
+    t.add_argument("--gpus-per-worker", type=float, default=None)
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--local", action="store_true", help="run the loop in this process, without Ray")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a run's latest checkpoint; writes RUN_DIR/metrics.json")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--data", type=Path, default=None, help="shards (default: the run's)")
+    e.add_argument("--split", default=None, help="split (default: data.test_split)")
+    e.set_defaults(func=cmd_eval)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    registry.get(a.method)  # unknown method -> one clear line
+    sets = list(a.set)
+    if a.workers is not None:
+        sets.append(f"scaling.workers={a.workers}")
+    if a.gpus_per_worker is not None:
+        sets.append(f"scaling.gpus_per_worker={a.gpus_per_worker}")
+    if a.max_steps is not None:
+        sets.append(f"schedule.max_steps={a.max_steps}")
+    sets.append(f"data.path={a.data.resolve()}")
+    cfg = load_run_config(a.method, a.config, sets)
+    read_meta(a.data)
+    prepare_run_dir(a.out, a.method, cfg, a.data)
+    from jobs.train import TrainJob
+
+    job = TrainJob(a.method, configlib.to_dict(cfg), str(a.data.resolve()), str(a.out.resolve()))
+    metrics = run_local(job) if a.local else run_ray(job, cfg)
+    print(json.dumps({"run_dir": str(a.out), **{k: round(v, 4) for k, v in metrics.items()}}))
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_local(job: Any) -> dict[str, float]:
+    """The same loop in this process: a world of one (DeepSpeed still needs a process group)."""
+    import torch.distributed as dist
+
+    from jobs.checkpoints import LocalReporter
+    from jobs.train import run_loop
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import torch
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    try:
+        cfg = configlib.build(resolve_config_class(job.method), job.cfg_dict)
+        meta = json.loads((Path(job.data) / "meta.json").read_text())
+        return run_loop(job, LocalReporter(Path(job.run_dir), meta, cfg.checkpoint.keep))
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def ray_worker_entry(config: dict[str, Any]) -> None:
+    from jobs.checkpoints import RayReporter
+    from jobs.train import TrainJob, run_loop
+
+    job = TrainJob(**config["job"])
+    meta = json.loads((Path(job.data) / "meta.json").read_text())
+    run_loop(job, RayReporter(Path(job.run_dir), meta, config["keep"]))
+
+
+def run_ray(job: Any, cfg: Any) -> dict[str, float]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    s = cfg.scaling
+    gpu = s.gpus_per_worker > 0
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if gpu else {})}
+    run_dir = Path(job.run_dir)
+    storage = s.storage_path or str(run_dir.parent)
+    trainer = TorchTrainer(
+        ray_worker_entry,
+        train_loop_config={"job": job.__dict__, "keep": cfg.checkpoint.keep},
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(name=run_dir.name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+    )
+    result = trainer.fit()
+    return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from jobs.evaluate import evaluate_run
+
+    metrics = evaluate_run(a.run_dir, a.data, a.split)
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+    return 0

@@ -1,0 +1,162 @@
+"""Optimisers for the training loop: DeepSpeed engines (default) or plain data parallel.
+
+One `Engines` object holds one optimiser per name the method declares ({"main"} for most, two
+for a GAN). With DeepSpeed each optimiser becomes an engine over the model (a plain torch
+optimiser passed in: DeepSpeed's fused optimisers need GPU ops; gloo on CPU, nccl on GPU).
+Without DeepSpeed, gradients are all-reduced by hand after backward, which works whatever
+sub-module path a method's step takes through the model (DDP only syncs through forward()).
+
+Mixed precision is torch.autocast(bf16) in the method's step with fp32 master weights: the
+same numerics with and without DeepSpeed, and no bf16 parameter casting that the methods' uint8
+-> float input paths would have to know about.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs.schema import DeepSpeedSection, OptimSection, ScheduleSection
+from models.registry import ParamGroup
+
+
+def lr_factor(step: int, s: ScheduleSection) -> float:
+    """Multiplier of the base lr at optimiser step `step` (warm-up, then the schedule)."""
+    if s.warmup_steps and step < s.warmup_steps:
+        return (step + 1) / s.warmup_steps
+    if s.kind == "cosine":
+        t = (step - s.warmup_steps) / max(1, s.max_steps - s.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if s.kind == "step":
+        return s.gamma ** (step // s.step_every)
+    return 1.0
+
+
+def make_optimizer(groups: list[ParamGroup], o: OptimSection) -> torch.optim.Optimizer:
+    pg = []
+    for g in groups:
+        mult = g.lr_mult * o.lr_mult.get(g.name, 1.0)
+        pg.append({"params": g.params, "lr": o.lr * mult, "base_lr": o.lr * mult, "name": g.name,
+                   "weight_decay": o.weight_decay if g.weight_decay is None else g.weight_decay})
+    if o.name == "sgd":
+        return torch.optim.SGD(pg, lr=o.lr, momentum=o.momentum)
+    if o.name == "adam":
+        return torch.optim.Adam(pg, lr=o.lr, betas=o.betas)
+    return torch.optim.AdamW(pg, lr=o.lr, betas=o.betas)
+
+
+def deepspeed_config(ds: DeepSpeedSection, micro_batch: int, sched: ScheduleSection, o: OptimSection) -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    from shards.format import ShardError
+
+    cfg: dict[str, Any] = {}
+    if ds.config_file:
+        p = Path(ds.config_file)
+        if not p.is_file():
+            raise ShardError(f"deepspeed.config_file {p}: not found")
+        cfg = json.loads(p.read_text())
+    cfg.update({
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": sched.grad_accum,
+        "zero_optimization": {**cfg.get("zero_optimization", {}), "stage": ds.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    })
+    cfg.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x world
+    if o.grad_clip > 0:
+        cfg["gradient_clipping"] = o.grad_clip
+    cfg.pop("bf16", None), cfg.pop("fp16", None)  # precision is autocast in the step (module docstring)
+    return cfg
+
+
+class Engines:
+    """named optimisers with backward/step, lr schedule, grad accumulation, save/load."""
+
+    def __init__(self, model: nn.Module, groups: Mapping[str, list[ParamGroup]], o: OptimSection,
+                 sched: ScheduleSection, ds: DeepSpeedSection, micro_batch: int) -> None:
+        self.model, self.sched, self.o = model, sched, o
+        self.use_ds = ds.enabled
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.engines: dict[str, Any] = {}
+        self.micro = 0
+        for name, gs in groups.items():
+            opt = make_optimizer(gs, o)
+            self.optimizers[name] = opt
+            if self.use_ds:
+                import deepspeed  # inside the worker: DeepSpeed initialises accelerator state on import
+
+                eng, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, dist_init_required=False,
+                                                         config=deepspeed_config(ds, micro_batch, sched, o))
+                self.engines[name] = eng
+                self.optimizers[name] = ds_opt
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model
+
+    def set_lr(self, step: int) -> float:
+        f = lr_factor(step, self.sched)
+        for opt in self.optimizers.values():
+            for g in opt.param_groups:
+                g["lr"] = g.get("base_lr", self.o.lr) * f
+        return self.o.lr * f
+
+    def backward(self, name: str, loss: torch.Tensor) -> None:
+        if self.use_ds:
+            self.engines[name].backward(loss)
+        else:
+            (loss / self.sched.grad_accum).backward()
+
+    def step(self, name: str) -> bool:
+        """Step optimiser `name`; True when this micro-step ended an accumulation window."""
+        if self.use_ds:
+            eng = self.engines[name]
+            boundary = eng.is_gradient_accumulation_boundary()
+            eng.step()
+            return boundary
+        boundary = (self.micro + 1) % self.sched.grad_accum == 0
+        if boundary:
+            params = [p for g in self.optimizers[name].param_groups for p in g["params"] if p.grad is not None]
+            if self.world > 1:
+                for p in params:  # plain data parallel: average gradients over ranks
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+            if self.o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.o.grad_clip)
+            self.optimizers[name].step()
+            self.optimizers[name].zero_grad(set_to_none=True)
+        return boundary
+
+    def end_micro_step(self) -> None:
+        self.micro += 1
+
+    # -- state ----------------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """Every rank calls this (DeepSpeed checkpoints are collective)."""
+        import os
+
+        if self.use_ds:
+            for name, eng in self.engines.items():
+                eng.save_checkpoint(directory, tag=f"ds_{name}")
+        elif not dist.is_initialized() or dist.get_rank() == 0:
+            state = {"model": self.model.state_dict(),
+                     "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()}}
+            torch.save(state, os.path.join(directory, "trainer.pt"))
+
+    def load(self, directory: str) -> None:
+        import os
+
+        if self.use_ds:
+            for name, eng in self.engines.items():
+                eng.load_checkpoint(directory, tag=f"ds_{name}")
+            return
+        state = torch.load(os.path.join(directory, "trainer.pt"), map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        for n, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][n])

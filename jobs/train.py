@@ -1,0 +1,194 @@
+"""The one training loop for every method, in-process (`--local`) or in Ray Train workers.
+
+    run_loop(job, reporter) builds the model and optimisers through the method registry,
+    streams batches from the shards, steps, validates, checkpoints and resumes.
+
+Ray and DeepSpeed are thin layers: `ray_worker_entry` is the TorchTrainer's per-worker function
+(Ray has already set up torch.distributed), `run_local` sets up a world of one itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from jobs import checkpoints
+from jobs.engine import Engines
+from models import registry
+from models.registry import StepInfo
+from shards.augment import AugmentConfig
+from shards.format import read_meta
+from shards.reader import make_loader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    method: str
+    cfg_dict: dict[str, Any]  # the resolved config, as plain data (travels to Ray workers)
+    data: str
+    run_dir: str
+
+
+class FaultInjected(RuntimeError):
+    """Raised once at checkpoint.fail_at_step to prove the run survives a worker failure."""
+
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def device_for_worker() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        from shards.format import ShardError
+
+        raise ShardError(f"deepspeed.precision=bf16: not supported on {device}; use 'auto' or 'fp32'")
+    return torch.bfloat16 if supported else None
+
+
+def _infinite(loader: Any) -> Iterator[dict[str, Any]]:
+    epoch = 0
+    while True:
+        loader.dataset.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+class EvalData:
+    """Single-process access to one split for rank-0 validation / `attrlab eval`.
+
+    Calling it gives an eval-mode loader ('__eval__' = this split; full_image=True = the resized,
+    uncropped image for test-time crops); `pairs()` streams the split's comparisons from pairs.tsv.
+    """
+
+    def __init__(self, cfg: Any, root: str, split: str) -> None:
+        self.cfg, self.root, self.split = cfg, root, split
+
+    def __call__(self, which: str = "__eval__", kind: str = "samples", full_image: bool = False) -> Any:
+        aug = self.cfg.data.augment
+        if full_image:
+            aug = AugmentConfig(resize=aug.resize, size=aug.resize, hflip=False)
+        return make_loader(self.root, self.split if which == "__eval__" else which, mode="eval",
+                           cfg=self.cfg.data.loader, augment=aug, kind=kind, rank=0, world_size=1)
+
+    def pairs(self) -> Iterator[Any]:
+        from shards.format import PAIRS_FILE, iter_pairs
+
+        path = Path(self.root) / PAIRS_FILE
+        if path.is_file():
+            yield from (p for p in iter_pairs(path) if p.split == self.split)
+
+
+def eval_loaders(cfg: Any, data: str, split: str) -> EvalData:
+    return EvalData(cfg, data, split)
+
+
+def evaluate_rank0(method: registry.Method, model: torch.nn.Module, cfg: Any, data: str, split: str,
+                   meta: Any) -> dict[str, float]:
+    """Validation runs on rank 0 over the whole split; the result is broadcast to every rank."""
+    rank, world = rank_world()
+    out: list[Any] = [None]
+    if rank == 0:
+        model.eval()
+        with torch.no_grad():
+            out[0] = method.evaluate(model, eval_loaders(cfg, data, split), cfg.model, meta)
+        model.train()
+    if world > 1:
+        dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+def save_snapshot(method: registry.Method, model: torch.nn.Module, cfg: Any, job: TrainJob, meta: Any,
+                  step: int) -> None:
+    import numpy as np
+
+    model.eval()
+    with torch.no_grad():
+        arrays = method.snapshot(model, eval_loaders(cfg, job.data, cfg.data.val_split), cfg.model, meta)
+    model.train()
+    out = Path(job.run_dir) / "snapshots"
+    out.mkdir(exist_ok=True)
+    np.savez_compressed(out / f"step_{step:07d}.npz", **arrays)
+
+
+def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
+    from jobs.cli_train import resolve_config_class
+    from jobs.config import build
+
+    method = registry.get(job.method)
+    cfg = build(resolve_config_class(job.method), job.cfg_dict)
+    rank, world = rank_world()
+    torch.manual_seed(cfg.seed + rank)
+    device = device_for_worker()
+    meta = read_meta(Path(job.data))
+    model = method.build(cfg.model, meta).to(device)
+    kind = method.data_kind
+    loader = make_loader(job.data, cfg.data.train_split, mode="train", cfg=cfg.data.loader, augment=cfg.data.augment,
+                         kind="pairs" if kind == "pairs" else "samples",
+                         batching="class_balanced" if kind == "class_balanced" else "none")
+    micro = loader.dataset.batch_size()
+    engines = Engines(model, method.optim_groups(model, cfg.model), cfg.optim, cfg.schedule, cfg.deepspeed, micro)
+    start = 0
+    restored = reporter.restore_dir()
+    if restored is not None:
+        engines.load(str(restored))
+        start = checkpoints.read_state(restored)["step"]
+        log.info("rank %d resumed from %s at step %d", rank, restored, start)
+    info = StepInfo(step=start, max_steps=cfg.schedule.max_steps, device=device,
+                    autocast_dtype=autocast_dtype(cfg.deepspeed.precision, device))
+    batches = _infinite(loader)
+    metrics: dict[str, float] = {}
+    t0, seen = time.perf_counter(), 0
+    ga = cfg.schedule.grad_accum
+    step = start
+    while step < cfg.schedule.max_steps:
+        if step == cfg.checkpoint.fail_at_step and rank == 0 and reporter.inject_fault_once():
+            raise FaultInjected(f"fault injected at step {step} (checkpoint.fail_at_step)")
+        lr = engines.set_lr(step)
+        info.step, info.logs = step, {}
+        losses: dict[str, float] = {}
+        for _ in range(ga):
+            batch = next(batches)
+            seen += micro
+            out = method.step(engines.module, batch, cfg.model, info)
+            for name, loss in out.items():
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: loss {name!r} is {loss.item()}; lower optim.lr or check the data")
+                engines.backward(name, loss)
+                engines.step(name)
+                losses[name] = losses.get(name, 0.0) + float(loss.detach()) / ga
+            engines.end_micro_step()
+        step += 1
+        if rank == 0 and (step % cfg.schedule.log_every == 0 or step == cfg.schedule.max_steps):
+            dt = time.perf_counter() - t0
+            reporter.log({"step": step, "lr": lr, **{f"loss/{k}": v for k, v in losses.items()}, **info.logs,
+                          "samples_per_s": seen * world / max(dt, 1e-9)})
+            t0, seen = time.perf_counter(), 0
+        last = step == cfg.schedule.max_steps
+        if step % cfg.eval.every_steps == 0 or last:
+            metrics = {f"val/{k}": v for k, v in
+                       evaluate_rank0(method, engines.module, cfg, job.data, cfg.data.val_split, meta).items()}
+            if rank == 0:
+                reporter.log({"step": step, **metrics})
+                if method.snapshot is not None:
+                    save_snapshot(method, engines.module, cfg, job, meta, step)
+        if step % cfg.checkpoint.every_steps == 0 or last:
+            reporter.checkpoint(engines, step, {"step": step, **metrics}, cfg, method)
+    return metrics

@@ -1,0 +1,170 @@
+"""Shared image backbones: AlexNet parts in torchvision's layout, and a small CNN for CPU runs.
+
+Every backbone comes in two cuts with one interface:
+
+* `Trunk` (pool5-like): convolutional layers + an adaptive average pool to a fixed
+  `out_size` x `out_size` map of `out_channels` channels (AlexNet: 256 x 6 x 6, as torchvision's
+  `avgpool`; small: 64 x 3 x 3). Used by localisation networks.
+* `Fc7Net` (fc7-like): a trunk + the fully connected layers up to fc7 (ReLU output, dropout as
+  torchvision's AlexNet), a `feature_dim` vector (AlexNet: 4096; small: 256). Used by rankers.
+
+AlexNet weights: `torchvision.models.alexnet(weights=None)` (never downloads), optionally filled
+from a LOCAL torchvision-format state_dict file (`torch.save(alexnet(weights=...).state_dict(), f)`)
+read with `torch.load(weights_only=True)`; a wrong file is a ShardError naming it.
+Input normalisation (uint8 -> float, ImageNet mean/std) is `ImageNorm`, a module inside the
+model, so it runs on the model's device.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Mapping
+
+import torch
+from torch import nn
+
+from shards.format import ShardError
+
+BackboneName = Literal["alexnet", "small"]
+BACKBONES: tuple[str, ...] = ("alexnet", "small")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNorm(nn.Module):
+    """uint8 (or 0..255 float) images [B, 3, H, W] -> float32, ImageNet-normalised."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255.0, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.mean.device, torch.float32) - self.mean) / self.std
+
+
+class Trunk(nn.Module):
+    """Convolutional features up to a fixed-size pool5-like map."""
+
+    def __init__(self, features: nn.Sequential, out_channels: int, out_size: int) -> None:
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d((out_size, out_size))
+        self.out_channels, self.out_size = out_channels, out_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.avgpool(self.features(x))
+
+
+class Fc7Net(nn.Module):
+    """Trunk + fully connected layers up to fc7: [B, 3, H, W] -> [B, feature_dim]."""
+
+    def __init__(self, trunk: Trunk, head: nn.Sequential, feature_dim: int) -> None:
+        super().__init__()
+        self.trunk, self.head, self.feature_dim = trunk, head, feature_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.trunk(x), 1))
+
+
+# -- AlexNet (torchvision layout) ---------------------------------------------------------------
+
+def load_alexnet_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read and check a torchvision AlexNet state_dict from a local file (no network access)."""
+    import torchvision
+
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"{path}: AlexNet weights file not found (model.weights must be a local "
+                         "torchvision AlexNet state_dict; nothing is downloaded)")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any unreadable file is the user's to fix
+        raise ShardError(f"{path}: cannot be read as a torch state_dict with weights_only=True ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); save one with "
+                         "torch.save(torchvision.models.alexnet(weights=...).state_dict(), path)") from None
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ShardError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(sd).__name__}")
+    with torch.device("meta"):  # shapes only, no allocation
+        ref = torchvision.models.alexnet(weights=None).state_dict()
+    missing = sorted(set(ref) - set(sd))
+    unexpected = sorted(set(sd) - set(ref))
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in ref.items()
+              if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        why = "; ".join(p for p in (f"missing {missing[:4]}" if missing else "",
+                                    f"unexpected {unexpected[:4]}" if unexpected else "",
+                                    f"shape {shapes[:2]}" if shapes else "") if p)
+        raise ShardError(f"{path}: not a torchvision AlexNet state_dict ({why}); save one with "
+                         "torch.save(torchvision.models.alexnet(weights=...).state_dict(), path)")
+    return dict(sd)
+
+
+def _alexnet(state: Mapping[str, torch.Tensor] | None, dropout: float, keep: tuple[str, ...], copy: bool) -> nn.Module:
+    """torchvision's AlexNet built on the meta device (no allocation); `_materialise` the parts kept.
+
+    With `state`, the parameters named by the `keep` prefixes become its tensors: copies when
+    `copy`, else the state's own tensors (the state must then not be used for another module).
+    """
+    import torchvision
+
+    with torch.device("meta"):
+        net = torchvision.models.alexnet(weights=None, dropout=dropout)
+    if state is not None:
+        part = {k: v.clone() if copy else v for k, v in state.items() if k.startswith(keep)}
+        net.load_state_dict(part, strict=False, assign=True)
+    return net
+
+
+def _materialise(module: nn.Module) -> nn.Module:
+    """Meta parameters -> CPU with PyTorch's default init (torchvision's AlexNet uses no other)."""
+    if any(p.is_meta for p in module.parameters()):
+        module.to_empty(device="cpu")
+        for sub in module.modules():
+            if isinstance(sub, (nn.Conv2d, nn.Linear)):
+                sub.reset_parameters()
+    return module
+
+
+# -- small CNN for CPU (32..64 px inputs) ---------------------------------------------------------
+
+def _small_features() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+    )
+
+
+def _check(name: str, weights: str) -> None:
+    if name not in BACKBONES:
+        raise ShardError(f"backbone {name!r} is not one of {list(BACKBONES)}")
+    if weights and name != "alexnet":
+        raise ShardError(f"model.weights ({weights!r}) is only for backbone 'alexnet'; "
+                         f"backbone {name!r} starts from random weights")
+
+
+def pool5_net(name: str, state: Mapping[str, torch.Tensor] | None = None) -> Trunk:
+    """The pool5-like cut. `state`: a checked AlexNet state_dict (load_alexnet_state) or None;
+    its tensors are copied."""
+    _check(name, "<state_dict>" if state is not None else "")
+    if name == "alexnet":
+        return Trunk(_materialise(_alexnet(state, 0.5, ("features.",), copy=True).features), 256, 6)
+    return Trunk(_small_features(), 64, 3)
+
+
+def fc7_net(name: str, state: Mapping[str, torch.Tensor] | None = None, dropout: float = 0.5) -> Fc7Net:
+    """The fc7-like cut (dropout before fc6 and fc7, as torchvision's AlexNet). Takes OWNERSHIP of
+    `state`'s tensors (no 230 MB copy): build other modules from the state before this one."""
+    _check(name, "<state_dict>" if state is not None else "")
+    if name == "alexnet":
+        net = _alexnet(state, dropout, ("features.", "classifier.1.", "classifier.4."), copy=False)
+        return Fc7Net(Trunk(_materialise(net.features), 256, 6), _materialise(net.classifier[:6]), 4096)
+    head = nn.Sequential(nn.Dropout(dropout), nn.Linear(64 * 9, 256), nn.ReLU(inplace=True),
+                         nn.Dropout(dropout), nn.Linear(256, 256), nn.ReLU(inplace=True))
+    return Fc7Net(Trunk(_small_features(), 64, 3), head, 256)
+
+
+def backbone_state(name: str, weights: str) -> dict[str, torch.Tensor] | None:
+    """The checked local weights for `name` (None when `weights` is empty)."""
+    _check(name, weights)
+    return load_alexnet_state(weights) if weights else None

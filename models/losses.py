@@ -1,0 +1,80 @@
+"""Loss functions shared by the methods: plain functions, tensors in, tensor out.
+
+Ranking (Singh & Lee, "End-to-End Localization and Ranking for Relative Attributes", ECCV 2016):
+
+* `ranknet_loss` — Eq. 2, RankNet: P = sigmoid(v1 - v2), loss = -L log P - (1 - L) log(1 - P),
+  L = 1 (I1 more), 0 (I1 less), 0.5 (similar). Computed as BCE-with-logits on v1 - v2, stable
+  for any |v1 - v2|.
+* `st_loss` — Eq. 3 in NORMALISED coordinates: the image spans [-1, 1] on both axes with its
+  centre at 0 (affine_grid's convention), so with the crop centre at (s*tx, s*ty) the term is
+  (s*tx)^2 + (s*ty)^2. The paper writes it in pixel coordinates ((Cx - s*tx)^2 + ...); that is
+  the same loss up to a constant factor (W/2)^2 and a change of origin.
+* `outside_mask` — the boundary test of Eq. 4 / the authors' code: |s*tx| > 1 or |s*ty| > 1
+  (the crop CENTRE is outside the image).
+* `boundary_loss` — Eq. 4: mean_i (1-l1)(1-l2) Rank_i + l1 ST(I1_i) + l2 ST(I2_i). ST depends only
+  on the localiser's (s, tx, ty), so its gradient never reaches the ranker.
+* `boundary_grad` — the authors' Torch7 code instead (AffineTransformMatrixGenerator backward):
+  identity forward; in backward, for outside samples the incoming gradient on (s, tx, ty) is
+  REPLACED by weight * grad of 0.5*s^2*(tx^2+ty^2), i.e. (s(tx^2+ty^2), s^2 tx, s^2 ty); inside
+  samples are untouched. The ranker's own gradient is never changed.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def ranknet_loss(v1: torch.Tensor, v2: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Eq. 2 (RankNet cross-entropy) per pair; `reduction` 'mean' (default) or 'none'."""
+    d = v1 - v2
+    d = d if d.dtype == torch.float64 else d.float()  # half-precision scores are promoted
+    return F.binary_cross_entropy_with_logits(d, label.to(d.dtype).expand_as(d), reduction=reduction)
+
+
+def st_loss(s: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 per sample in normalised coordinates (image centre 0): (s*tx)^2 + (s*ty)^2."""
+    return (s * tx) ** 2 + (s * ty) ** 2
+
+
+def outside_mask(s: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+    """True where the crop centre (s*tx, s*ty) lies outside the image [-1, 1]^2."""
+    return ((s * tx).abs() > 1) | ((s * ty).abs() > 1)
+
+
+def boundary_loss(rank: torch.Tensor, st1: torch.Tensor, st2: torch.Tensor,
+                  out1: torch.Tensor, out2: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: mean over pairs of (1-l1)(1-l2) rank + l1 st1 + l2 st2 (l = outside masks, 0/1)."""
+    l1, l2 = out1.to(rank.dtype), out2.to(rank.dtype)
+    return ((1 - l1) * (1 - l2) * rank + l1 * st1 + l2 * st2).mean()
+
+
+class _BoundaryGrad(torch.autograd.Function):
+    """Identity on (s, tx, ty); backward replaces the gradient of outside samples (see module doc)."""
+
+    @staticmethod
+    def forward(ctx: Any, s: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor, weight: float) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(s, tx, ty)
+        ctx.weight = weight
+        return s.clone(), tx.clone(), ty.clone()
+
+    @staticmethod
+    def backward(ctx: Any, gs: torch.Tensor | None, gtx: torch.Tensor | None,
+                 gty: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        s, tx, ty = ctx.saved_tensors
+        out = outside_mask(s, tx, ty)
+        w = ctx.weight
+        repl = (w * s * (tx * tx + ty * ty), w * s * s * tx, w * s * s * ty)
+        grads = [torch.where(out, r, torch.zeros_like(r) if g is None else g) for r, g in zip(repl, (gs, gtx, gty))]
+        return grads[0], grads[1], grads[2], None
+
+
+def boundary_grad(s: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor,
+                  weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The authors' boundary rule as a gradient replacement (identity in the forward pass).
+
+    `weight` scales the replacement: the authors sum per-sample gradients and divide by the batch
+    size, so a step whose loss is a mean over N pairs passes weight = 1/N.
+    """
+    return _BoundaryGrad.apply(s, tx, ty, weight)
