@@ -375,6 +375,12 @@ def snapshot(model: nn.Module, loaders: LoaderFactory, cfg: StnRankerConfig, met
             "score": torch.cat(scores).numpy() if scores else np.zeros((0, k), np.float32)}
 
 
+def _figures(*args: Any) -> list[tuple[str, str]]:
+    from models.stn_ranker_figures import figures  # matplotlib only when a report is written
+
+    return figures(*args)
+
+
 METHOD = Method(
     name="stn_ranker",
     config_cls=StnRankerConfig,
@@ -386,4 +392,5 @@ METHOD = Method(
     val_metric="rank_acc",
     describe="STN localiser + Siamese AlexNet ranker with RankNet loss (Singh & Lee, ECCV 2016)",
     snapshot=snapshot,
+    figures=_figures,
 )
