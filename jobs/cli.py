@@ -9,14 +9,18 @@ from shards.format import ShardError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs import quickstart
+    from cluster import submit as submit_cli
+    from jobs import cli_train, quickstart, report
     from shards import cli as shards_cli
 
     p = argparse.ArgumentParser(prog="attrlab", description="visual-attribute models on a Ray cluster")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
     shards_cli.add_parser(sub)
+    cli_train.add_parsers(sub)
+    report.add_parser(sub)
     quickstart.add_parser(sub)
+    submit_cli.add_parsers(sub)
     return p
 
 
