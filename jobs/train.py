@@ -8,6 +8,7 @@ Ray and DeepSpeed are thin layers: `ray_worker_entry` is the TorchTrainer's per-
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -106,9 +107,12 @@ def evaluate_rank0(method: registry.Method, model: torch.nn.Module, cfg: Any, da
     rank, world = rank_world()
     out: list[Any] = [None]
     if rank == 0:
+        model_cfg = cfg.model
+        if hasattr(model_cfg, "tta_crops"):  # validation during training: centre crop only, for speed
+            model_cfg = dataclasses.replace(model_cfg, tta_crops=1)
         model.eval()
         with torch.no_grad():
-            out[0] = method.evaluate(model, eval_loaders(cfg, data, split), cfg.model, meta)
+            out[0] = method.evaluate(model, eval_loaders(cfg, data, split), model_cfg, meta)
         model.train()
     if world > 1:
         dist.broadcast_object_list(out, src=0)
