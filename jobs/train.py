@@ -144,9 +144,11 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
     meta = read_meta(Path(job.data))
     model = method.build(cfg.model, meta).to(device)
     kind = method.data_kind
+    # a pair-trained model that ranks a subset of attributes reads only those pairs
+    ranked = tuple(getattr(cfg.model, "attributes", ())) if kind == "pairs" else ()
     loader = make_loader(job.data, cfg.data.train_split, mode="train", cfg=cfg.data.loader, augment=cfg.data.augment,
                          kind="pairs" if kind == "pairs" else "samples",
-                         batching="class_balanced" if kind == "class_balanced" else "none")
+                         batching="class_balanced" if kind == "class_balanced" else "none", pair_attributes=ranked)
     micro = loader.dataset.batch_size()
     engines = Engines(model, method.optim_groups(model, cfg.model), cfg.optim, cfg.schedule, cfg.deepspeed, micro)
     start = 0

@@ -74,6 +74,13 @@ def iter_samples(root: Path, split: str, kind: str = "samples") -> Iterator[dict
             yield {"key": key, "shard": p.name, "files": files, "label": label}
 
 
+def _pair_attribute(files: dict[str, bytes]) -> str | None:
+    try:
+        return json.loads(files["json"]).get("attribute")
+    except (KeyError, ValueError):
+        return None  # corrupt: let the decoder report it
+
+
 def dist_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -89,7 +96,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, root: Path, split: str, *, mode: str, cfg: LoaderConfig, augment: AugmentConfig,
                  kind: str = "samples", batching: str = "none", rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, pair_attributes: tuple[str, ...] = ()) -> None:
         if mode not in ("train", "eval"):
             raise ShardError(f"mode {mode!r}: expected 'train' or 'eval'")
         if batching not in ("none", "class_balanced") or (batching == "class_balanced" and kind != "samples"):
@@ -106,6 +113,11 @@ class ShardStream(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise ShardError(f"rank {self.rank} is outside world size {self.world_size}")
         self.epoch = 0
+        # pairs: keep only comparisons of these attributes (() = all), checked before decoding
+        self.pair_attributes = frozenset(pair_attributes)
+        unknown = self.pair_attributes - set(self.decoder.names)
+        if unknown:
+            raise ShardError(f"pair attributes {sorted(unknown)} are not in {self.root}/meta.json")
 
     def set_epoch(self, epoch: int) -> None:
         """Call before iterating each epoch (workers are re-created and read it)."""
@@ -152,6 +164,8 @@ class ShardStream(IterableDataset):
                 log.warning("corrupt shard %s after key %r: %s; skipping the rest of it", path, e.last_key, e.cause)
 
     def _decode(self, shard: str, key: str, files: dict, stats: dict[str, int]) -> dict[str, Any] | None:
+        if self.pair_attributes and self.kind == "pairs" and _pair_attribute(files) not in self.pair_attributes:
+            return None  # filtered, not corrupt: not counted in `skipped`
         try:
             out = self.decoder.decode(files, self.kind)
         except Exception as e:  # noqa: BLE001 — any decode failure of one sample is skipped, never fatal
@@ -180,8 +194,15 @@ class ShardStream(IterableDataset):
             yield from self._class_balanced(raw, rng, n_batches, stats)
             return
         n, buf, cap = n_batches * self.cfg.batch_size, [], max(1, self.cfg.shuffle_buffer)
+        misses = 0
         while n > 0:
             item = next(raw)
+            if self.pair_attributes and self.kind == "pairs" and _pair_attribute(item[2]) not in self.pair_attributes:
+                misses += 1
+                if misses > 2 * self.count:  # two passes without one wanted pair: it would spin forever
+                    raise ShardError(f"{self.root}: split {self.split!r} has no pairs of {sorted(self.pair_attributes)}")
+                continue
+            misses = 0
             if len(buf) < cap:
                 buf.append(item)
                 continue
@@ -238,10 +259,10 @@ class ShardStream(IterableDataset):
 
 def make_loader(root: Path, split: str, *, mode: str, cfg: LoaderConfig, augment: AugmentConfig,
                 kind: str = "samples", batching: str = "none", rank: int | None = None,
-                world_size: int | None = None) -> DataLoader:
+                world_size: int | None = None, pair_attributes: tuple[str, ...] = ()) -> DataLoader:
     """A DataLoader over a ShardStream; in train mode every batch is full."""
     ds = ShardStream(root, split, mode=mode, cfg=cfg, augment=augment, kind=kind, batching=batching,
-                     rank=rank, world_size=world_size)
+                     rank=rank, world_size=world_size, pair_attributes=pair_attributes)
     balanced = batching == "class_balanced"
     return DataLoader(ds, batch_size=None if balanced else cfg.batch_size, num_workers=cfg.num_workers,
                       drop_last=False, persistent_workers=False,

@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import random
 from concurrent.futures import Future, ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -242,6 +243,10 @@ def _write_pairs(out: Path, plan: DatasetPlan, index: dict[str, list[Any]], seen
         rows = by_split.get(split)
         if not rows:
             continue
+        # shuffled (deterministically) so every pair shard mixes attributes: a rank that reads a
+        # subset of shards, or a model that ranks one attribute, still sees all of them
+        rows = list(rows)
+        random.Random(f"{plan.fingerprint}/{split}/pairs").shuffle(rows)
         items = [[f"p{i:09d}", row, index[row[0]], index[row[1]]] for i, row in enumerate(rows)]
         tasks = ((_write_pair_shard, (out, shard_name(split, n, "pairs"), chunk, fingerprint_of(plan.fingerprint, chunk)))
                  for n, chunk in enumerate(_chunks(items, size)))

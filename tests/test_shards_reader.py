@@ -176,3 +176,22 @@ def test_missing_shard_and_empty_or_unknown_split_are_clear_errors(ds: Path, tmp
     write_dataset(with_val, tmp_path / "empty", shard_size=5, progress=False)
     with pytest.raises(ShardError, match="split 'val' is empty"):
         make_loader(tmp_path / "empty", "val", mode="eval", cfg=cfg, augment=AUG)
+
+
+def test_pair_attribute_filter_keeps_only_those_pairs(tiny_attrworld: Path) -> None:
+    from shards.format import read_meta
+
+    smile = read_meta(tiny_attrworld).attribute_names.index("smile")
+    cfg = LoaderConfig(batch_size=4, num_workers=0, shuffle_buffer=8, samples_per_epoch=40)
+    aug = AugmentConfig(resize=32, size=28)
+    everything = {int(a) for b in make_loader(tiny_attrworld, "train", mode="train", kind="pairs", cfg=cfg,
+                                              augment=aug) for a in b["attribute"]}
+    assert len(everything) > 1
+    got = [int(a) for b in make_loader(tiny_attrworld, "train", mode="train", kind="pairs", cfg=cfg, augment=aug,
+                                       pair_attributes=("smile",)) for a in b["attribute"]]
+    assert len(got) == 40 and set(got) == {smile}
+    with pytest.raises(ShardError, match=r"has no pairs of \['glasses'\]"):  # binary: never compared
+        list(make_loader(tiny_attrworld, "train", mode="train", kind="pairs", cfg=cfg, augment=aug,
+                         pair_attributes=("glasses",)))
+    with pytest.raises(ShardError, match=r"pair attributes \['size'\] are not in"):
+        make_loader(tiny_attrworld, "train", mode="train", kind="pairs", cfg=cfg, augment=aug, pair_attributes=("size",))
