@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from jobs import config as configlib
-from jobs.schema import run_config_class
-from models import registry
 from shards.format import ShardError, read_manifest, read_meta
+
+METHODS = "stn_ranker"  # help text only; models.registry is the source of truth (imported lazily: torch)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # keys that may change between a run and its resumption (more steps, other hardware)
@@ -33,6 +33,9 @@ RESUMABLE_CHANGES = ("schedule.max_steps", "scaling.", "eval.", "checkpoint.fail
 
 @functools.lru_cache(maxsize=None)
 def resolve_config_class(method: str) -> type:
+    from jobs.schema import run_config_class
+    from models import registry
+
     return run_config_class(method, registry.get(method).config_cls)
 
 
@@ -79,7 +82,7 @@ def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
 
 def add_parsers(sub: Any) -> None:
     t = sub.add_parser("train", help="train a method on shards (Ray Train + DeepSpeed, or --local)")
-    t.add_argument("method", help=", ".join(registry.names()))
+    t.add_argument("method", help=METHODS)
     t.add_argument("--data", required=True, type=Path, help="shard directory")
     t.add_argument("--out", required=True, type=Path, help="run directory (re-use it to resume)")
     t.add_argument("--config", type=Path, default=None, help="YAML (default: jobs/configs/METHOD.yaml)")
@@ -97,6 +100,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from models import registry
+
     registry.get(a.method)  # unknown method -> one clear line
     sets = list(a.set)
     if a.workers is not None:

@@ -10,10 +10,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -25,6 +21,10 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
     """One PNG per group of series: losses, validation metrics, learning rate, throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on cluster nodes
+    import matplotlib.pyplot as plt
     groups = {"losses": lambda k: k.startswith("loss/"), "validation": lambda k: k.startswith("val/"),
               "learning rate": lambda k: k == "lr", "throughput (samples/s)": lambda k: k == "samples_per_s"}
     made = []
