@@ -36,6 +36,16 @@ def _collect(model: Any, loaders: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(imgs), np.concatenate(scores), np.concatenate(boxes), np.concatenate(gts)
 
 
+def _save(fig: Any, title: str, out: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=90)
+    plt.close(fig)
+    return name
+
+
 def _rect(ax: Any, box: np.ndarray, size: int, **kw: Any) -> None:
     import matplotlib.patches as patches
 
@@ -65,12 +75,8 @@ def ranked_strips(model: Any, loaders: Any, cfg: Any, meta: Any, out: Path) -> s
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.suptitle("test images by predicted strength (left: weakest); red: STN crop, green: true region", fontsize=8)
-    fig.tight_layout()
-    name = "stn_ranked_strips.png"
-    fig.savefig(out / name, dpi=90)
-    plt.close(fig)
-    return name
+    return _save(fig, "test images by predicted strength (left: weakest); red: STN crop, green: true region",
+                 out, "stn_ranked_strips.png")
 
 
 def box_distribution(run_dir: Path, loaders: Any, out: Path) -> str | None:
@@ -99,15 +105,10 @@ def box_distribution(run_dir: Path, loaders: Any, out: Path) -> str | None:
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(path.stem.replace("step_", "step ").lstrip("0"), fontsize=8)
+                ax.set_title(f"step {int(path.stem.split('_')[1])}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.suptitle("STN crop distribution over validation images during training", fontsize=8)
-    fig.tight_layout()
-    name = "stn_box_distribution.png"
-    fig.savefig(out / name, dpi=90)
-    plt.close(fig)
-    return name
+    return _save(fig, "STN crop distribution over validation images during training", out, "stn_box_distribution.png")
 
 
 @torch.no_grad()
