@@ -130,7 +130,9 @@ class RayReporter(Reporter):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        return Path(ckpt.to_directory())
+        # one directory per rank: to_directory() without a path reuses one shared temp dir, and
+        # two ranks copying into it at once read each other's half-written files
+        return Path(ckpt.to_directory(tempfile.mkdtemp(prefix=f"attrlab-restore-r{_rank()}-")))
 
     def checkpoint(self, engines: Any, step: int, metrics: dict[str, Any], cfg: Any, method: Any) -> None:
         import ray.train

@@ -157,6 +157,10 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
         engines.load(str(restored))
         start = checkpoints.read_state(restored)["step"]
         log.info("rank %d resumed from %s at step %d", rank, restored, start)
+        if restored.name.startswith("attrlab-restore-"):  # this rank's private copy (RayReporter)
+            import shutil
+
+            shutil.rmtree(restored, ignore_errors=True)
     info = StepInfo(step=start, max_steps=cfg.schedule.max_steps, device=device,
                     autocast_dtype=autocast_dtype(cfg.deepspeed.precision, device))
     batches = _infinite(loader)
