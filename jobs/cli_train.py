@@ -24,7 +24,6 @@ import yaml
 from jobs import config as configlib
 from shards.format import ShardError, read_manifest, read_meta
 
-METHODS = "stn_ranker"  # help text only; models.registry is the source of truth (imported lazily: torch)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # keys that may change between a run and its resumption (more steps, other hardware)
@@ -82,7 +81,7 @@ def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
 
 def add_parsers(sub: Any) -> None:
     t = sub.add_parser("train", help="train a method on shards (Ray Train + DeepSpeed, or --local)")
-    t.add_argument("method", help=METHODS)
+    t.add_argument("method", help="a method of models/registry.py (e.g. stn_ranker)")
     t.add_argument("--data", required=True, type=Path, help="shard directory")
     t.add_argument("--out", required=True, type=Path, help="run directory (re-use it to resume)")
     t.add_argument("--config", type=Path, default=None, help="YAML (default: jobs/configs/METHOD.yaml)")

@@ -164,7 +164,8 @@ class ShardStream(IterableDataset):
                 log.warning("corrupt shard %s after key %r: %s; skipping the rest of it", path, e.last_key, e.cause)
 
     def _decode(self, shard: str, key: str, files: dict, stats: dict[str, int]) -> dict[str, Any] | None:
-        if self.pair_attributes and self.kind == "pairs" and _pair_attribute(files) not in self.pair_attributes:
+        if (self.mode == "eval" and self.pair_attributes and self.kind == "pairs"  # train filters before buffering
+                and _pair_attribute(files) not in self.pair_attributes):
             return None  # filtered, not corrupt: not counted in `skipped`
         try:
             out = self.decoder.decode(files, self.kind)

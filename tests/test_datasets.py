@@ -182,11 +182,7 @@ def test_attrworld_hair_dark_monotone():
     for spec in p.splits["train"]:
         if spec["attributes"]["hat"]:
             continue
-        means = []
-        for v in (0.1, 0.5, 0.9):
-            s = p.load(edited(spec, hair_dark=v))
-            x0, y0, x1, y1 = (int(round(c * 64)) for c in s.boxes["hair_dark"])
-            means.append(pixels(s)[y0:y1, x0:x1].mean())
+        means = box_means(p, spec, "hair_dark", (0.1, 0.5, 0.9))
         assert means[0] > means[1] > means[2]
         n += 1
         if n == 4:
@@ -194,14 +190,20 @@ def test_attrworld_hair_dark_monotone():
     assert n == 4
 
 
+def box_means(p, spec, attr: str, values) -> list[float]:
+    """Mean pixel value inside `attr`'s box of the same image rendered at each value of `attr`."""
+    out = []
+    for v in values:
+        s = p.load(edited(spec, **{attr: v}))
+        x0, y0, x1, y1 = (int(round(c * 64)) for c in s.boxes[attr])
+        out.append(pixels(s)[y0:y1, x0:x1].mean())
+    return out
+
+
 def test_attrworld_beard_darkens_jaw():
     p = aw_plan(noise=0, **CLEAN)
     spec = p.splits["train"][1]
-    m = []
-    for v in (0.0, 0.5, 1.0):
-        s = p.load(edited(spec, beard=v))
-        x0, y0, x1, y1 = (int(round(c * 64)) for c in s.boxes["beard"])
-        m.append(pixels(s)[y0:y1, x0:x1].mean())
+    m = box_means(p, spec, "beard", (0.0, 0.5, 1.0))
     assert m[0] > m[1] > m[2]
 
 
