@@ -68,24 +68,25 @@ class Fc7Net(nn.Module):
 
 # -- AlexNet (torchvision layout) ---------------------------------------------------------------
 
-def load_alexnet_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read and check a torchvision AlexNet state_dict from a local file (no network access)."""
+def load_torchvision_state(path: str | Path, arch: str) -> dict[str, torch.Tensor]:
+    """Read and check a torchvision `arch` state_dict (alexnet, resnet50, ...) from a local file
+    (no network access): weights_only=True, every key and shape must match the definition."""
     import torchvision
 
     path = Path(path)
+    how = f"torch.save(torchvision.models.{arch}(weights=...).state_dict(), path)"
     if not path.is_file():
-        raise ShardError(f"{path}: AlexNet weights file not found (model.weights must be a local "
-                         "torchvision AlexNet state_dict; nothing is downloaded)")
+        raise ShardError(f"{path}: {arch} weights file not found (model.weights must be a local "
+                         f"torchvision {arch} state_dict; nothing is downloaded)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — any unreadable file is the user's to fix
         raise ShardError(f"{path}: cannot be read as a torch state_dict with weights_only=True ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); save one with "
-                         "torch.save(torchvision.models.alexnet(weights=...).state_dict(), path)") from None
+                         f"{str(e).splitlines()[0] if str(e) else ''}); save one with {how}") from None
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ShardError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(sd).__name__}")
     with torch.device("meta"):  # shapes only, no allocation
-        ref = torchvision.models.alexnet(weights=None).state_dict()
+        ref = getattr(torchvision.models, arch)(weights=None).state_dict()
     missing = sorted(set(ref) - set(sd))
     unexpected = sorted(set(sd) - set(ref))
     shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in ref.items()
@@ -94,9 +95,12 @@ def load_alexnet_state(path: str | Path) -> dict[str, torch.Tensor]:
         why = "; ".join(p for p in (f"missing {missing[:4]}" if missing else "",
                                     f"unexpected {unexpected[:4]}" if unexpected else "",
                                     f"shape {shapes[:2]}" if shapes else "") if p)
-        raise ShardError(f"{path}: not a torchvision AlexNet state_dict ({why}); save one with "
-                         "torch.save(torchvision.models.alexnet(weights=...).state_dict(), path)")
+        raise ShardError(f"{path}: not a torchvision {arch} state_dict ({why}); save one with {how}")
     return dict(sd)
+
+
+def load_alexnet_state(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_torchvision_state(path, "alexnet")
 
 
 def _alexnet(state: Mapping[str, torch.Tensor] | None, dropout: float, keep: tuple[str, ...], copy: bool) -> nn.Module:
@@ -172,3 +176,29 @@ def backbone_state(name: str, weights: str) -> dict[str, torch.Tensor] | None:
     """The checked local weights for `name` (None when `weights` is empty)."""
     _check(name, weights)
     return load_alexnet_state(weights) if weights else None
+
+
+# -- embedding trunks (coop_embed, deml, ...) -----------------------------------------------------
+
+EMBED_BACKBONES: dict[str, int] = {"resnet50": 2048, "small": 64}  # name -> pooled feature width
+
+
+def feature_net(name: str, weights: str = "") -> tuple[nn.Module, int]:
+    """A globally pooled feature extractor [B, 3, H, W] -> [B, D] and D.
+
+    resnet50: torchvision's definition without its classifier (random init, or `weights`, a
+    local torchvision resnet50 state_dict); small: the CPU CNN above + global average pool.
+    """
+    if name not in EMBED_BACKBONES:
+        raise ShardError(f"backbone {name!r} is not one of {list(EMBED_BACKBONES)}")
+    if name == "small":
+        if weights:
+            raise ShardError(f"model.weights ({weights!r}) is only for backbone 'resnet50'; 'small' starts from random weights")
+        return nn.Sequential(_small_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 64
+    import torchvision
+
+    net = torchvision.models.resnet50(weights=None)
+    if weights:
+        net.load_state_dict(load_torchvision_state(weights, "resnet50"))
+    net.fc = nn.Identity()
+    return net, 2048

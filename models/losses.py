@@ -78,3 +78,63 @@ def boundary_grad(s: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor,
     size, so a step whose loss is a mean over N pairs passes weight = 1/N.
     """
     return _BoundaryGrad.apply(s, tx, ty, weight)
+
+
+# -- coop_embed (Thong, Snoek & Smeulders, ICCV-W 2019) -------------------------------------------
+
+def proxy_softmax_loss(emb: torch.Tensor, proxies: torch.Tensor, target: torch.Tensor,
+                       columns: torch.Tensor | slice | None = None) -> torch.Tensor:
+    """Eq. 1 / 2 / 5: mean_b -log softmax_z(-||M(f(x_b) - p_z)||^2)[target_b] over the rows with
+    target >= 0 (-1 = label missing, ignored; 0 when no row has a label).
+
+    emb [B, N], proxies [Z, N], target [B] (proxy row per image); `columns` selects the subspace
+    (M_k as a column slice / index; None = the superspace)."""
+    keep = target >= 0
+    if not bool(keep.any()):
+        return emb.sum() * 0.0
+    e, p = emb[keep], proxies
+    if columns is not None:
+        e, p = e[:, columns], p[:, columns]
+    d = torch.cdist(e.float(), p.float()).pow(2)  # squared Euclidean, as the paper's D
+    return F.cross_entropy(-d, target[keep])
+
+
+def proximity_matrix(ranks: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Eq. 3: P_vu = exp(-(r_v - r_u)^2 / (2 sigma^2)) for the ranks r of an ordinal attribute's values."""
+    r = ranks.float()
+    return torch.exp(-(r[:, None] - r[None, :]) ** 2 / (2 * sigma ** 2))
+
+
+def order_regulariser(proxies: torch.Tensor, ranks: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Eq. 4: ||S - P||_F with S the cosine-similarity matrix of one attribute's value proxies
+    [V, n] (in its subspace) and P the Eq. 3 prior."""
+    z = F.normalize(proxies.float(), dim=1)
+    return torch.linalg.matrix_norm(z @ z.T - proximity_matrix(ranks, sigma).to(z.device), ord="fro")
+
+
+def mean_rows(values: torch.Tensor, group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group means of the rows of `values` [I, N] (group [I] in 0..n_groups-1, -1 = none) and a
+    mask of the groups that have a row: the category proxies c_y = mean of their instances' p_i (Sec. 3.2)."""
+    keep = group >= 0
+    sums = values.new_zeros(n_groups, values.shape[1]).index_add(0, group[keep], values[keep])
+    counts = torch.bincount(group[keep], minlength=n_groups).to(values.dtype)
+    return sums / counts.clamp_min(1)[:, None], counts > 0
+
+
+def batch_all_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean hinge max(0, d(a,p) - d(a,n) + margin) over the valid triplets of a batch with a
+    positive hinge (Euclidean d; labels < 0 = unlabelled, never used): the triplet loss of the
+    CSN-style concatenation baseline (coop_embed Table 3c). Written here: a few lines over a [B,B]
+    distance matrix; pytorch-metric-learning would add a dependency for one function."""
+    d = torch.cdist(emb.float(), emb.float())
+    lab = labels.view(-1)
+    ok = lab >= 0
+    same = (lab[:, None] == lab[None, :]) & ok[:, None] & ok[None, :]
+    pos = same & ~torch.eye(len(lab), dtype=torch.bool, device=lab.device)
+    neg = ~same & ok[:, None] & ok[None, :]
+    hinge = (d[:, :, None] - d[:, None, :] + margin).clamp_min(0)  # [a, p, n]
+    valid = pos[:, :, None] & neg[:, None, :]
+    active = valid & (hinge > 0)
+    if not bool(active.any()):
+        return emb.sum() * 0.0
+    return hinge[active].mean()

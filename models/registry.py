@@ -7,6 +7,7 @@ A step returns named losses per optimiser ({"main": loss} for one optimiser; {"r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import torch
@@ -60,6 +61,11 @@ class Method:
     # optional: the paper's figures for `attrlab report`: (model, loaders, cfg, meta, run_dir, out_dir)
     # -> list of (caption, png path relative to out_dir)
     figures: Callable[..., list[tuple[str, str]]] | None = None
+    # optional: (dataset meta, shard dir, train split) -> meta with what `build` needs from the
+    # training data (e.g. coop_embed's instance list); the result is exported with the model
+    prepare_meta: Callable[[DatasetMeta, Path, str], DatasetMeta] | None = None
+    # optional: (model, uint8 images [B, 3, H, W]) -> embeddings [B, D] (index, serving)
+    embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 def _stn_ranker() -> Method:
@@ -68,9 +74,16 @@ def _stn_ranker() -> Method:
     return stn_ranker.METHOD
 
 
+def _coop_embed() -> Method:
+    from models import coop_embed
+
+    return coop_embed.METHOD
+
+
 # name -> loader of its Method (imported lazily so one method's dependencies never load another's)
 REGISTRY: dict[str, Callable[[], Method]] = {
     "stn_ranker": _stn_ranker,
+    "coop_embed": _coop_embed,
 }
 
 

@@ -74,6 +74,35 @@ def iter_samples(root: Path, split: str, kind: str = "samples") -> Iterator[dict
             yield {"key": key, "shard": p.name, "files": files, "label": label}
 
 
+def iter_label_records(root: Path, split: str) -> Iterator[dict[str, Any]]:
+    """Every sample's label json of a split, read through index/<split>.tsv offsets (no image
+    bytes are read); falls back to a full sequential read when the index is absent."""
+    root = Path(root)
+    index = root / "index" / f"{split}.tsv"
+    if not index.is_file():
+        for s in iter_samples(root, split):
+            if s["label"] is not None:
+                yield s["label"]
+        return
+    shard_paths(root, split)  # the manifest's checks: split exists, shards present
+    handles: dict[str, Any] = {}
+    try:
+        with open(index, encoding="utf-8") as f:
+            header = f.readline().rstrip("\n").split("\t")
+            col = {name: i for i, name in enumerate(header)}
+            for line in f:
+                row = line.rstrip("\n").split("\t")
+                shard = row[col["shard"]]
+                if shard not in handles:
+                    handles[shard] = open(root / shard, "rb")
+                fh = handles[shard]
+                fh.seek(int(row[col["json_offset"]]))
+                yield json.loads(fh.read(int(row[col["json_size"]])))
+    finally:
+        for fh in handles.values():
+            fh.close()
+
+
 def _pair_attribute(files: dict[str, bytes]) -> str | None:
     try:
         return json.loads(files["json"]).get("attribute")

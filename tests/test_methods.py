@@ -20,6 +20,8 @@ def test_one_step_builds_trains_and_reaches_every_parameter(name: str, tiny_attr
     method = registry.get(name)
     cfg = build(resolve_config_class(name), {})
     meta = read_meta(tiny_attrworld)
+    if method.prepare_meta is not None:
+        meta = method.prepare_meta(meta, tiny_attrworld, "train")
     torch.manual_seed(0)
     model = method.build(cfg.model, meta)
     kind = {"pairs": ("pairs", "none"), "samples": ("samples", "none"), "class_balanced": ("samples", "class_balanced")}

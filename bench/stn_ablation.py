@@ -1,0 +1,71 @@
+"""stn_ranker Table 5 ablation on attrworld: global image only / STN crop only / combined, one
+model per attribute, the same step budget for every row (issue 3 quality benchmark).
+
+    python bench/stn_ablation.py --data data/shards/attrworld --out runs/stn_ablation \
+        --attrs eye_open,smile --steps 1500 [--set KEY=VALUE ...]
+
+Every row is `attrlab train stn_ranker --local` (the one training loop, in-process: Ray Train
+would add only start-up time on one machine) followed by `attrlab eval` (10-crop test-time
+averaging, ordered test pairs). Rows that already have metrics.json are not re-run, so an
+interrupted sweep continues. Prints a markdown table and writes OUT/ablation.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("global_only", "stn_only", "combined")
+
+
+def run_row(data: Path, run: Path, attr: str, mode: str, steps: int, extra: list[str], threads: int) -> dict:
+    sets = [f"model.attributes=[{attr}]", f"model.mode={mode}", f"eval.every_steps={steps}",
+            f"checkpoint.every_steps={steps}", f"model.stage1_steps={steps // 2}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    if not (run / "metrics.json").exists():
+        cmd = [sys.executable, "-m", "jobs.cli", "train", "stn_ranker", "--data", str(data), "--out", str(run),
+               "--local", "--max-steps", str(steps), *[a for s in sets for a in ("--set", s)]]
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "jobs.cli", "eval", str(run)], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+        (run / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.0f}\n")
+    m = json.loads((run / "metrics.json").read_text())
+    return {"attribute": attr, "mode": mode, "steps": steps, "rank_acc": m["rank_acc"],
+            "stn_hit": m.get("stn_hit"), "wall_s": float((run / "wall_s.txt").read_text())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--attrs", default="eye_open,smile,brow_thick")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], help="extra config override for every row")
+    a = ap.parse_args(argv)
+    rows = []
+    for attr in a.attrs.split(","):
+        for mode in a.modes.split(","):
+            r = run_row(a.data, a.out / f"{attr}-{mode}", attr, mode, a.steps, a.set, a.threads)
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "ablation.json").write_text(json.dumps(rows, indent=1))
+    print(f"\n| attribute | {' | '.join(a.modes.split(','))} | stn_hit (combined) |")
+    print("|---|" + "---|" * (len(a.modes.split(",")) + 1))
+    for attr in a.attrs.split(","):
+        by = {r["mode"]: r for r in rows if r["attribute"] == attr}
+        hit = by.get("combined", {}).get("stn_hit")
+        cells = [f"{by[m]['rank_acc']:.3f} ({by[m]['wall_s']:.0f} s)" for m in a.modes.split(",") if m in by]
+        print(f"| {attr} | {' | '.join(cells)} | {'-' if hit is None else f'{hit:.2f}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
