@@ -2,7 +2,7 @@
 
     attrlab train METHOD --data DIR --out RUN_DIR [--config YAML] [--set k=v]... [--workers N]
                   [--gpus-per-worker G] [--max-steps N] [--local]
-    attrlab eval RUN_DIR [--data DIR] [--split test]
+    attrlab eval RUN_DIR [--data DIR] [--split test] [--workers N] [--address ADDR]
 
 Training runs `ray.train.torch.TorchTrainer` over the shards (DeepSpeed inside each worker);
 `--local` runs the same loop in this process without Ray. Re-running with the same RUN_DIR
@@ -95,6 +95,9 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--data", type=Path, default=None, help="shards (default: the run's)")
     e.add_argument("--split", default=None, help="split (default: data.test_split)")
+    e.add_argument("--workers", type=int, default=0,
+                   help="embed splits on N Ray Data actors (0 = in this process)")
+    e.add_argument("--address", default=None, help="Ray cluster for --workers (default: RAY_ADDRESS, else a local Ray)")
     e.set_defaults(func=cmd_eval)
 
 
@@ -186,8 +189,12 @@ def run_ray(job: Any, cfg: Any) -> dict[str, float]:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    from jobs.embed import ensure_ray
     from jobs.evaluate import evaluate_run
 
-    metrics = evaluate_run(a.run_dir, a.data, a.split)
+    if a.workers < 0:
+        raise ShardError(f"--workers {a.workers}: expected 0 (in this process) or more")
+    ensure_ray(a.workers, a.address)
+    metrics = evaluate_run(a.run_dir, a.data, a.split, workers=a.workers)
     print(json.dumps(metrics, indent=1, sort_keys=True))
     return 0

@@ -34,8 +34,11 @@ def load_export(export: Path) -> tuple[registry.Method, Any, torch.nn.Module, Da
     return method, cfg, model.eval(), meta
 
 
-def evaluate_run(run_dir: Path, data: Path | None = None, split: str | None = None) -> dict[str, Any]:
-    from jobs.train import eval_loaders
+def evaluate_run(run_dir: Path, data: Path | None = None, split: str | None = None,
+                 workers: int = 0) -> dict[str, Any]:
+    """workers > 0: methods that embed through `loaders.embed` do it on that many Ray Data actors
+    (Ray must be initialised: `attrlab eval --workers N` connects or starts it)."""
+    from jobs.train import EvalData
 
     run_dir = Path(run_dir)
     export = latest_export(run_dir)
@@ -44,7 +47,8 @@ def evaluate_run(run_dir: Path, data: Path | None = None, split: str | None = No
     manifest = read_manifest(data)
     split = split or cfg.data.test_split
     with torch.no_grad():
-        metrics = method.evaluate(model, eval_loaders(cfg, str(data), split), cfg.model, meta)
+        loaders = EvalData(cfg, str(data), split, workers=workers, method=method.name, meta=meta)
+        metrics = method.evaluate(model, loaders, cfg.model, meta)
     out = {**metrics, "method": method.name, "split": split, "step": read_state(export.parent)["step"],
            "checkpoint": str(export.parent), "data": str(data), "manifest_checksum": manifest["checksum"]}
     (run_dir / "metrics.json").write_text(json.dumps(out, indent=1, sort_keys=True))

@@ -76,11 +76,15 @@ class EvalData:
     """Single-process access to one split for rank-0 validation / `attrlab eval`.
 
     Calling it gives an eval-mode loader ('__eval__' = this split; full_image=True = the resized,
-    uncropped image for test-time crops); `pairs()` streams the split's comparisons from pairs.tsv.
+    uncropped image for test-time crops); `pairs()` streams the split's comparisons from pairs.tsv;
+    `embed(which, model)` embeds a whole split with the method's `embed` (jobs/embed.py), in this
+    process (workers=0) or on `workers` Ray Data actors (needs `method`, `meta` and a running Ray).
     """
 
-    def __init__(self, cfg: Any, root: str, split: str) -> None:
+    def __init__(self, cfg: Any, root: str, split: str, *, workers: int = 0, method: str | None = None,
+                 meta: Any = None) -> None:
         self.cfg, self.root, self.split = cfg, root, split
+        self.workers, self.method, self.meta = workers, method, meta
 
     def __call__(self, which: str = "__eval__", kind: str = "samples", full_image: bool = False) -> Any:
         aug = self.cfg.data.augment
@@ -88,6 +92,25 @@ class EvalData:
             aug = AugmentConfig(resize=aug.resize, size=aug.resize, hflip=False)
         return make_loader(self.root, self.split if which == "__eval__" else which, mode="eval",
                            cfg=self.cfg.data.loader, augment=aug, kind=kind, rank=0, world_size=1)
+
+    def embed(self, which: str, model: torch.nn.Module) -> dict[str, Any]:
+        """Sorted-by-key arrays of split `which` ('__eval__' = this split): emb, key, instance,
+        category, attributes (see jobs.embed.embed_split)."""
+        from jobs.embed import embed_split
+
+        return embed_split(self._method(), model, self.cfg, self.root, self.split if which == "__eval__" else which,
+                           workers=self.workers, meta=self.meta)
+
+    def _method(self) -> registry.Method:
+        if self.method is not None:
+            return registry.get(self.method)
+        # built without a method name (eval_loaders): the method whose model config this run uses
+        for name in registry.names():
+            m = registry.get(name)
+            if isinstance(self.cfg.model, m.config_cls):
+                return m
+        raise ValueError(f"no registered method has model config {type(self.cfg.model).__name__}; "
+                         "construct EvalData(..., method=NAME)")
 
     def pairs(self) -> Iterator[Any]:
         from shards.format import PAIRS_FILE, iter_pairs
@@ -142,6 +165,9 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
     torch.manual_seed(cfg.seed + rank)
     device = device_for_worker()
     meta = read_meta(Path(job.data))
+    if method.prepare_meta is not None:  # e.g. the training instances behind coop_embed's proxies
+        meta = method.prepare_meta(meta, Path(job.data), cfg.data.train_split)
+        reporter.meta_json = meta.to_json()
     model = method.build(cfg.model, meta).to(device)
     kind = method.data_kind
     # a pair-trained model that ranks a subset of attributes reads only those pairs

@@ -138,6 +138,8 @@ def corrupt_codes(codes: torch.Tensor, instances: list[str], infos: list[AttrInf
         if rng.random() >= level:
             continue
         k = int(rng.integers(len(infos)))
+        if infos[k].n_values < 2:  # nothing to swap to
+            continue
         how = mode if mode != "both" else ("absence" if rng.random() < 0.5 else "swap")
         shift = int(rng.integers(1, infos[k].n_values))
         if how == "absence":
@@ -333,22 +335,9 @@ def embed_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         m.train(was)
 
 
-@torch.no_grad()
-def embed_split(model: nn.Module, loader: Any) -> dict[str, Any]:
-    """Embeddings and labels of a whole (eval-mode) split: emb [n, D], codes [n, K], category [n],
-    instance (str) [n], key [n]."""
-    m = _unwrap(model)
-    embs, codes, cats, insts, keys = [], [], [], [], []
-    for batch in loader:
-        embs.append(embed_images(m, batch["image"]).cpu())
-        codes.append(attribute_codes(batch["attributes"], m.infos))
-        cats.append(batch["category"].long())
-        insts += list(batch["instance"])
-        keys += list(batch["key"])
-    if not embs:
-        raise ShardError("the evaluated split is empty")
-    return {"emb": torch.cat(embs).numpy(), "codes": torch.cat(codes).numpy(), "category": torch.cat(cats).numpy(),
-            "instance": np.array(insts, dtype=str), "key": np.array(keys, dtype=str)}
+def _with_codes(m: CoopEmbed, d: dict[str, Any]) -> dict[str, Any]:
+    """jobs.embed arrays (emb, key, instance, category, attributes) + value codes [n, K]."""
+    return {**d, "codes": attribute_codes(torch.from_numpy(np.asarray(d["attributes"], np.float32)), m.infos).numpy()}
 
 
 def retrieval_metrics(m: CoopEmbed, terms: dict[str, Any], gallery: dict[str, Any],
@@ -391,11 +380,11 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: CoopEmbedConfig, met
     against it (unseen instances). On any other split (validation during training): each image
     queries the rest of the split (leave-one-out). Query terms come from `term_split`."""
     m = _unwrap(model)
-    gallery = embed_split(m, loaders("__eval__"))
-    terms = embed_split(m, loaders(cfg.term_split))
+    gallery = _with_codes(m, loaders.embed("__eval__", m))  # in-process, or on Ray workers (jobs/embed.py)
+    terms = _with_codes(m, loaders.embed(cfg.term_split, m))
     query = None
-    if getattr(loaders, "split", None) == cfg.gallery_split and cfg.query_split:
-        query = embed_split(m, loaders(cfg.query_split))
+    if loaders.split == cfg.gallery_split and cfg.query_split:
+        query = _with_codes(m, loaders.embed(cfg.query_split, m))
     return retrieval_metrics(m, terms, gallery, query)
 
 
