@@ -13,30 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.rows import run_row  # noqa: E402
 
 MODES = ("global_only", "stn_only", "combined")
 
 
-def run_row(data: Path, run: Path, attr: str, mode: str, steps: int, extra: list[str], threads: int) -> dict:
+def run_stn_row(data: Path, run: Path, attr: str, mode: str, steps: int, extra: list[str], threads: int) -> dict:
     sets = [f"model.attributes=[{attr}]", f"model.mode={mode}", f"eval.every_steps={steps}",
             f"checkpoint.every_steps={steps}", f"model.stage1_steps={steps // 2}", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    t0 = time.perf_counter()
-    if not (run / "metrics.json").exists():
-        cmd = [sys.executable, "-m", "jobs.cli", "train", "stn_ranker", "--data", str(data), "--out", str(run),
-               "--local", "--max-steps", str(steps), *[a for s in sets for a in ("--set", s)]]
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run([sys.executable, "-m", "jobs.cli", "eval", str(run)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        (run / "wall_s.txt").write_text(f"{time.perf_counter() - t0:.0f}\n")
-    m = json.loads((run / "metrics.json").read_text())
+    r = run_row("stn_ranker", data, run, steps, sets, threads)
+    m = r["metrics"]
     return {"attribute": attr, "mode": mode, "steps": steps, "rank_acc": m["rank_acc"],
-            "stn_hit": m.get("stn_hit"), "wall_s": float((run / "wall_s.txt").read_text())}
+            "stn_hit": m.get("stn_hit"), "wall_s": r["wall_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for attr in a.attrs.split(","):
         for mode in a.modes.split(","):
-            r = run_row(a.data, a.out / f"{attr}-{mode}", attr, mode, a.steps, a.set, a.threads)
+            r = run_stn_row(a.data, a.out / f"{attr}-{mode}", attr, mode, a.steps, a.set, a.threads)
             rows.append(r)
             print(json.dumps(r), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """`attrlab demo`: the main job end to end on the embedded default (grows with each method).
 
 1. build the attrworld and cluttered_digits shards and validate them;
-2. start a local Ray cluster and train stn_ranker with 2 workers (DeepSpeed over gloo) on a
-   short budget;
-3. evaluate it on the test split, write the report, print accuracy and the report path.
+2. start a local Ray cluster and train stn_ranker, then coop_embed, with 2 workers each
+   (DeepSpeed over gloo) on a short budget;
+3. evaluate each (stn_ranker: ranking accuracy on the test split; coop_embed: retrieval of unseen
+   identities, query -> gallery), build coop_embed's faiss gallery index, write the reports and
+   print the metrics with the report paths.
 Re-running resumes: verified shards are skipped and a finished run is only re-evaluated.
 """
 from __future__ import annotations
@@ -19,7 +21,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on the embedded datasets")
     p.add_argument("--out", type=Path, default=Path("data"))
     p.add_argument("--workers", type=int, default=2, help="shard writers and training workers")
-    p.add_argument("--steps", type=int, default=600, help="stn_ranker training steps")
+    p.add_argument("--steps", type=int, default=500, help="stn_ranker training steps")
+    p.add_argument("--coop-steps", type=int, default=300, help="coop_embed training steps")
     p.set_defaults(func=cmd_demo)
 
 
@@ -44,6 +47,15 @@ def build_shards(out: Path, workers: int) -> bool:
     return ok
 
 
+def _train_args(method: str, data: Path, run: Path, workers: int, steps: int) -> list[str]:
+    sets = [f"checkpoint.every_steps={max(1, steps // 2)}", f"eval.every_steps={max(1, steps // 2)}",
+            "schedule.log_every=25", "scaling.cpus_per_worker=1", "data.loader.num_workers=0"]
+    if method == "stn_ranker":
+        sets.append(f"model.stage1_steps={steps // 3}")
+    return ["train", method, "--data", str(data), "--out", str(run), "--workers", str(workers),
+            "--max-steps", str(steps), *[x for s in sets for x in ("--set", s)]]
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     import ray
 
@@ -52,26 +64,29 @@ def cmd_demo(a: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     if not build_shards(a.out, a.workers):
         return 1
-    data, run = a.out / "shards" / "attrworld", a.out / "runs" / "stn_ranker"
-    print(f"\n[stn_ranker] training {a.steps} steps with {a.workers} Ray Train workers (DeepSpeed, gloo) ...")
+    data = a.out / "shards" / "attrworld"
+    runs = {"stn_ranker": (a.out / "runs" / "stn_ranker", a.steps),
+            "coop_embed": (a.out / "runs" / "coop_embed", a.coop_steps)}
     ray.init(num_cpus=max(2, a.workers), include_dashboard=False, log_to_driver=False)
     try:
-        code = attrlab(["train", "stn_ranker", "--data", str(data), "--out", str(run), "--workers", str(a.workers),
-                        "--max-steps", str(a.steps), "--set", f"model.stage1_steps={a.steps // 3}",
-                        "--set", f"checkpoint.every_steps={max(1, a.steps // 2)}",
-                        "--set", f"eval.every_steps={max(1, a.steps // 4)}", "--set", "schedule.log_every=25",
-                        "--set", "scaling.cpus_per_worker=1", "--set", "data.loader.num_workers=0"])
+        for method, (run, steps) in runs.items():
+            print(f"\n[{method}] training {steps} steps with {a.workers} Ray Train workers (DeepSpeed, gloo) ...")
+            if attrlab(_train_args(method, data, run, a.workers, steps)) != 0:
+                return 1
     finally:
         ray.shutdown()
-    if code != 0:
-        return code
-    for cmd in (["eval", str(run)], ["report", str(run)]):
+    coop = runs["coop_embed"][0]
+    for cmd in (["eval", str(runs["stn_ranker"][0])], ["report", str(runs["stn_ranker"][0])], ["eval", str(coop)],
+                ["index", str(coop), "--data", str(data)], ["report", str(coop)]):
         if attrlab(cmd) != 0:
             return 1
-    m = json.loads((run / "metrics.json").read_text())
-    print("\nmethod      metric     value   report")
-    print(f"stn_ranker  rank_acc   {m['rank_acc']:.3f}   {(run / 'report' / 'index.html').resolve()}")
-    if "stn_hit" in m:
-        print(f"stn_ranker  stn_hit    {m['stn_hit']:.3f}")
+    rows = [("stn_ranker", k) for k in ("rank_acc", "stn_hit")]
+    rows += [("coop_embed", k) for k in ("instance_r@1", "attribute_map", "category_map")]
+    print(f"\n{'method':12s}{'metric':16s}{'value':>7s}   report")
+    for method, key in rows:
+        run = runs[method][0]
+        m = json.loads((run / "metrics.json").read_text())
+        if key in m:
+            print(f"{method:12s}{key:16s}{m[key]:7.3f}   {(run / 'report' / 'index.html').resolve()}")
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s; shards under {(a.out / 'shards').resolve()}")
     return 0

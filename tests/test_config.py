@@ -81,3 +81,13 @@ def test_yaml_is_safe_loaded(tmp_path: Path) -> None:
     p = write(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(RunCfg, p)
+
+
+@pytest.mark.parametrize("path", sorted(Path("jobs/configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_strictly(path: Path) -> None:
+    from jobs.cli_train import load_run_config
+    from models import registry
+
+    method = next(m for m in registry.names() if path.stem == m or path.stem.startswith(m + "_"))
+    cfg = load_run_config(method, path, [])
+    assert cfg.schedule.max_steps >= 1 and cfg.data.train_split
