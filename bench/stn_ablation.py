@@ -28,7 +28,7 @@ def run_stn_row(data: Path, run: Path, attr: str, mode: str, steps: int, extra: 
     r = run_row("stn_ranker", data, run, steps, sets, threads)
     m = r["metrics"]
     return {"attribute": attr, "mode": mode, "steps": steps, "rank_acc": m["rank_acc"],
-            "stn_hit": m.get("stn_hit"), "wall_s": r["wall_s"]}
+            "stn_hit": m.get("stn_hit"), "stn_cover": m.get("stn_cover"), "wall_s": r["wall_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "ablation.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n| attribute | {' | '.join(a.modes.split(','))} | stn_hit (combined) |")
+    print(f"\n| attribute | {' | '.join(a.modes.split(','))} | stn_hit / stn_cover (combined) |")
     print("|---|" + "---|" * (len(a.modes.split(",")) + 1))
     for attr in a.attrs.split(","):
         by = {r["mode"]: r for r in rows if r["attribute"] == attr}
-        hit = by.get("combined", {}).get("stn_hit")
+        c = by.get("combined", {})
+        hit = None if c.get("stn_hit") is None else f"{c['stn_hit']:.2f} / {c.get('stn_cover') or float('nan'):.2f}"
         cells = [f"{by[m]['rank_acc']:.3f} ({by[m]['wall_s']:.0f} s)" for m in a.modes.split(",") if m in by]
-        print(f"| {attr} | {' | '.join(cells)} | {'-' if hit is None else f'{hit:.2f}'} |")
+        print(f"| {attr} | {' | '.join(cells)} | {hit or '-'} |")
     return 0
 
 

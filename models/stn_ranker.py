@@ -309,8 +309,9 @@ def predict(model: nn.Module, images: torch.Tensor, tta: int | None = None) -> d
 def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: StnRankerConfig, meta: DatasetMeta) -> dict[str, float]:
     """rank_acc (mean over attributes of ordered-pair accuracy, ties wrong, similar pairs excluded),
     rank_acc/<attr>, rank_pairs; stn_hit (mean over attributes of the fraction of images whose
-    crop centre lies in the attribute's ground-truth box, over images with that box), stn_hit/<attr>
-    — the stn_hit keys only when boxes exist.
+    crop centre lies in the attribute's ground-truth box, over images with that box), stn_hit/<attr>,
+    stn_cover (the converse: the box centre lies inside the crop; a thin region such as the eyes
+    can be inside the crop while the crop centre misses it) — the stn_* keys only when boxes exist.
 
     Every image of the split is scored once (with test-time crops) and located once; the split's
     ordered pairs (loaders.pairs(), from pairs.tsv) are then compared by key, so an image in many
@@ -319,7 +320,7 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: StnRankerConfig, met
     k = len(m.attributes)
     cols = [meta.attribute_names.index(n) for n in m.attributes]
     score: dict[str, torch.Tensor] = {}
-    hits, count = torch.zeros(k), torch.zeros(k)
+    hits, covers, count = torch.zeros(k), torch.zeros(k), torch.zeros(k)
     for batch in loaders("__eval__", kind="samples", full_image=True):
         out = predict(m, batch["image"], cfg.tta_crops)
         for key, sc in zip(batch["key"], out["score"].float().cpu()):
@@ -330,6 +331,8 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: StnRankerConfig, met
         cx, cy = (box[..., 0] + box[..., 2]) / 2, (box[..., 1] + box[..., 3]) / 2
         hit = (gt[..., 0] <= cx) & (cx <= gt[..., 2]) & (gt[..., 1] <= cy) & (cy <= gt[..., 3])
         hits += (hit & valid).sum(0)
+        gx, gy = (gt[..., 0] + gt[..., 2]) / 2, (gt[..., 1] + gt[..., 3]) / 2  # the converse: region centre in the crop
+        covers += (((box[..., 0] <= gx) & (gx <= box[..., 2]) & (box[..., 1] <= gy) & (gy <= box[..., 3])) & valid).sum(0)
         count += valid.sum(0)
     col_of = {n: i for i, n in enumerate(m.attributes)}
     correct, total = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
@@ -352,6 +355,8 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: StnRankerConfig, met
         hit_keys = {f"stn_hit/{n}": float(hits[i] / count[i]) for i, n in enumerate(m.attributes) if count[i] > 0}
         if hit_keys:
             out_m.update(hit_keys, stn_hit=sum(hit_keys.values()) / len(hit_keys))
+            cover = [float(covers[i] / count[i]) for i in range(k) if count[i] > 0]
+            out_m["stn_cover"] = sum(cover) / len(cover)
     return out_m
 
 

@@ -329,6 +329,9 @@ def test_evaluate_hand_computed_accuracy_and_hits(monkeypatch: pytest.MonkeyPatc
     assert got["rank_acc"] == pytest.approx(0.25) and got["rank_pairs"] == 6
     # smile boxes: hit, miss; young boxes: miss, hit (0.5 on the edge counts)
     assert got["stn_hit/smile"] == 0.5 and got["stn_hit/young"] == 0.5 and got["stn_hit"] == 0.5
+    # box centres in the crop [0.25, 0.75]^2: smile (0.5, 0.5) yes, (0.15, 0.15) no; young (0.1, 0.1) no,
+    # (0.75, 0.75) on the edge yes -> 0.5 each
+    assert got["stn_cover"] == 0.5
     monkeypatch.undo()
     real = sr.evaluate(m, loaders, m.cfg, META)  # the real predictor on the same data
     assert set(real) == set(got) and all(0 <= v <= 1 for k, v in real.items() if k != "rank_pairs")
@@ -337,7 +340,7 @@ def test_evaluate_hand_computed_accuracy_and_hits(monkeypatch: pytest.MonkeyPatc
     assert snap["attributes"].tolist() == ["smile", "young"]
     assert snap["box"].shape == (6, 2, 4) and snap["score"].shape == (6, 2)
     unboxed = _Loaders([dict(b, boxes=torch.full_like(b["boxes"], nan)) for b in samples], pairs)
-    assert not any(k.startswith("stn_hit") for k in sr.evaluate(m, unboxed, m.cfg, META))
+    assert not any(k.startswith("stn_") for k in sr.evaluate(m, unboxed, m.cfg, META))
 
 
 # -- config, build validation, local AlexNet weights ------------------------------------------------
