@@ -74,10 +74,11 @@ def load_torchvision_state(path: str | Path, arch: str) -> dict[str, torch.Tenso
     import torchvision
 
     path = Path(path)
+    name = {"alexnet": "AlexNet", "resnet50": "ResNet-50"}.get(arch, arch)
     how = f"torch.save(torchvision.models.{arch}(weights=...).state_dict(), path)"
     if not path.is_file():
-        raise ShardError(f"{path}: {arch} weights file not found (model.weights must be a local "
-                         f"torchvision {arch} state_dict; nothing is downloaded)")
+        raise ShardError(f"{path}: {name} weights file not found (model.weights must be a local "
+                         f"torchvision {name} state_dict; nothing is downloaded)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 — any unreadable file is the user's to fix
@@ -95,7 +96,7 @@ def load_torchvision_state(path: str | Path, arch: str) -> dict[str, torch.Tenso
         why = "; ".join(p for p in (f"missing {missing[:4]}" if missing else "",
                                     f"unexpected {unexpected[:4]}" if unexpected else "",
                                     f"shape {shapes[:2]}" if shapes else "") if p)
-        raise ShardError(f"{path}: not a torchvision {arch} state_dict ({why}); save one with {how}")
+        raise ShardError(f"{path}: not a torchvision {name} state_dict ({why}); save one with {how}")
     return dict(sd)
 
 

@@ -196,3 +196,23 @@ def test_ray_train_run_improves_retrieval_over_its_untrained_start(ray_session: 
     end = metrics(model)
     assert end["instance_r@1"] > start["instance_r@1"] + 0.1, (start["instance_r@1"], end["instance_r@1"])
     assert end["category_map"] > start["category_map"] + 0.1, (start["category_map"], end["category_map"])
+
+
+def test_resnet50_trunk_from_a_local_state_dict_and_clear_errors(tmp_path: Path) -> None:
+    import torchvision
+
+    from models.backbones import feature_net
+    from shards.format import ShardError
+
+    ref = torchvision.models.resnet50(weights=None).state_dict()
+    good = tmp_path / "r50.pt"
+    torch.save(ref, good)
+    net, dim = feature_net("resnet50", str(good))
+    assert dim == 2048 and torch.equal(net.conv1.weight, ref["conv1.weight"])
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 2048)
+    bad = tmp_path / "bad.pt"
+    torch.save({"conv1.weight": torch.zeros(3)}, bad)
+    with pytest.raises(ShardError, match=r"bad\.pt: not a torchvision ResNet-50 state_dict"):
+        feature_net("resnet50", str(bad))
+    with pytest.raises(ShardError, match="only for backbone 'resnet50'"):
+        feature_net("small", str(good))
