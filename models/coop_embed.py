@@ -31,6 +31,7 @@ MAE / MRR for ordinal attributes (Table 1c).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -261,8 +262,6 @@ def _instance_rows(m: CoopEmbed, instances: list[str], device: torch.device) -> 
 
 def step(model: nn.Module, batch: dict[str, Any], cfg: CoopEmbedConfig, info: StepInfo) -> dict[str, torch.Tensor]:
     m, dev = _unwrap(model), info.device
-    import contextlib
-
     amp = contextlib.nullcontext() if info.autocast_dtype is None else torch.autocast(dev.type, dtype=info.autocast_dtype)
     with amp:
         emb = model(batch["image"].to(dev, non_blocking=True)).float()
