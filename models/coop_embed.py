@@ -305,8 +305,9 @@ def cooperative_loss(m: CoopEmbed, emb: torch.Tensor, inst: torch.Tensor, codes:
                                  for i in range(k)]).sum() / k
     centres, present = mean_rows(m.instance_proxies, m.instance_category, m.n_categories)
     remap = torch.cumsum(present.long(), 0) - 1  # category id -> row among the present centres
-    target = torch.where((category >= 0) & (category < m.n_categories), category, torch.zeros_like(category))
-    target = torch.where((category >= 0) & (category < m.n_categories) & present[target], remap[target], -1)
+    known = (category >= 0) & (category < m.n_categories)
+    safe = category.clamp(0, m.n_categories - 1)  # index only; unknown categories are masked to -1
+    target = torch.where(known & present[safe], remap[safe], -1)
     terms["cat"] = proxy_softmax_loss(emb, centres[present], target)
     terms["reg"] = emb.pow(2).sum(1).mean()
     loss = (cfg.lambda_ins * terms["ins"] + cfg.lambda_attr * terms["attr"] + cfg.lambda_cat * terms["cat"]
