@@ -1,11 +1,11 @@
 """`attrlab demo`: the main job end to end on the embedded default (grows with each method).
 
 1. build the attrworld and cluttered_digits shards and validate them;
-2. start a local Ray cluster and train stn_ranker, then coop_embed, with 2 workers each
-   (DeepSpeed over gloo) on a short budget;
+2. start a local Ray cluster and train stn_ranker, coop_embed (attrworld) and deml
+   (cluttered_digits) with 2 workers each (DeepSpeed over gloo) on a short budget;
 3. evaluate each (stn_ranker: ranking accuracy on the test split; coop_embed: retrieval of unseen
-   identities, query -> gallery), build coop_embed's faiss gallery index, write the reports and
-   print the metrics with the report paths.
+   identities, query -> gallery; deml: zero-shot Recall@K on the unseen digits 5-9), build
+   coop_embed's faiss gallery index, write the reports and print the metrics with the report paths.
 Re-running resumes: verified shards are skipped and a finished run is only re-evaluated.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--workers", type=int, default=2, help="shard writers and training workers")
     p.add_argument("--steps", type=int, default=500, help="stn_ranker training steps")
     p.add_argument("--coop-steps", type=int, default=300, help="coop_embed training steps")
+    p.add_argument("--deml-steps", type=int, default=300, help="deml training steps")
     p.set_defaults(func=cmd_demo)
 
 
@@ -65,23 +66,28 @@ def cmd_demo(a: argparse.Namespace) -> int:
     if not build_shards(a.out, a.workers):
         return 1
     data = a.out / "shards" / "attrworld"
-    runs = {"stn_ranker": (a.out / "runs" / "stn_ranker", a.steps),
-            "coop_embed": (a.out / "runs" / "coop_embed", a.coop_steps)}
+    digits = a.out / "shards" / "cluttered_digits"
+    runs = {"stn_ranker": (a.out / "runs" / "stn_ranker", a.steps, data),
+            "coop_embed": (a.out / "runs" / "coop_embed", a.coop_steps, data),
+            "deml": (a.out / "runs" / "deml", a.deml_steps, digits)}
     ray.init(num_cpus=max(2, a.workers), include_dashboard=False, log_to_driver=False)
     try:
-        for method, (run, steps) in runs.items():
+        for method, (run, steps, shards) in runs.items():
             print(f"\n[{method}] training {steps} steps with {a.workers} Ray Train workers (DeepSpeed, gloo) ...")
-            if attrlab(_train_args(method, data, run, a.workers, steps)) != 0:
+            if attrlab(_train_args(method, shards, run, a.workers, steps)) != 0:
                 return 1
     finally:
         ray.shutdown()
     coop = runs["coop_embed"][0]
+    deml = runs["deml"][0]
     for cmd in (["eval", str(runs["stn_ranker"][0])], ["report", str(runs["stn_ranker"][0])], ["eval", str(coop)],
-                ["index", str(coop), "--data", str(data)], ["report", str(coop)]):
+                ["index", str(coop), "--data", str(data)], ["report", str(coop)], ["eval", str(deml)],
+                ["report", str(deml)]):
         if attrlab(cmd) != 0:
             return 1
     rows = [("stn_ranker", k) for k in ("rank_acc", "stn_hit")]
     rows += [("coop_embed", k) for k in ("instance_r@1", "attribute_map", "category_map")]
+    rows += [("deml", k) for k in ("r@1", "r@8", "sim")]
     print(f"\n{'method':12s}{'metric':16s}{'value':>7s}   report")
     for method, key in rows:
         run = runs[method][0]

@@ -74,7 +74,7 @@ def load_torchvision_state(path: str | Path, arch: str) -> dict[str, torch.Tenso
     import torchvision
 
     path = Path(path)
-    name = {"alexnet": "AlexNet", "resnet50": "ResNet-50"}.get(arch, arch)
+    name = {"alexnet": "AlexNet", "resnet50": "ResNet-50", "googlenet": "GoogLeNet"}.get(arch, arch)
     how = f"torch.save(torchvision.models.{arch}(weights=...).state_dict(), path)"
     if not path.is_file():
         raise ShardError(f"{path}: {name} weights file not found (model.weights must be a local "
@@ -86,8 +86,11 @@ def load_torchvision_state(path: str | Path, arch: str) -> dict[str, torch.Tenso
                          f"{str(e).splitlines()[0] if str(e) else ''}); save one with {how}") from None
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ShardError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(sd).__name__}")
+    kwargs = {"aux_logits": False, "init_weights": False} if arch == "googlenet" else {}
+    if arch == "googlenet":  # the auxiliary classifiers are training-time heads nobody here uses
+        sd = {k: v for k, v in sd.items() if not k.startswith(("aux1.", "aux2."))}
     with torch.device("meta"):  # shapes only, no allocation
-        ref = getattr(torchvision.models, arch)(weights=None).state_dict()
+        ref = getattr(torchvision.models, arch)(weights=None, **kwargs).state_dict()
     missing = sorted(set(ref) - set(sd))
     unexpected = sorted(set(sd) - set(ref))
     shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in ref.items()
@@ -203,3 +206,56 @@ def feature_net(name: str, weights: str = "") -> tuple[nn.Module, int]:
         net.load_state_dict(load_torchvision_state(weights, "resnet50"))
     net.fc = nn.Identity()
     return net, 2048
+
+
+# -- two-part trunks (deml: FNet = up to the channel-attention point, GNet = the rest) ------------
+
+class GNet(nn.Module):
+    """The second part of a split trunk: a list of stages run in turn; returns the outputs of the
+    stages named in `taps` (the object-attention inputs; the last is the final map)."""
+
+    def __init__(self, stages: nn.ModuleDict, taps: tuple[str, ...]) -> None:
+        super().__init__()
+        self.stages, self.taps = stages, taps
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name in self.taps:
+                out.append(x)
+        return out
+
+
+def split_net(name: str, weights: str = "") -> tuple[nn.Module, GNet, int, int]:
+    """(FNet, GNet, FNet channels, GNet final channels) for deml.
+
+    googlenet: torchvision's GoogLeNet (init_weights=True, aux_logits=False; or `weights`, a local
+    torchvision googlenet state_dict) cut after pool3 (480 channels, where the paper puts the CAMs);
+    GNet = inception4a..5b, tapping inception4e (832) and inception5b (1024) for the OAM.
+    small: the CPU CNN's stem and first block (32 channels at 1/4 size), then two blocks tapped at
+    1/8 (64 channels) and 1/16 (128 channels)."""
+    if name == "small":
+        if weights:
+            raise ShardError(f"model.weights ({weights!r}) is only for backbone 'googlenet'; 'small' starts from random weights")
+
+        def block(cin: int, cout: int, stride: int = 1, pool: bool = True) -> nn.Sequential:
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                                       nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2, ceil_mode=True)] if pool else []))
+
+        fnet = nn.Sequential(block(3, 16, stride=2, pool=False), block(16, 32))
+        stages = nn.ModuleDict({"mid": block(32, 64), "top": block(64, 128)})
+        return fnet, GNet(stages, ("mid", "top")), 32, 128
+    if name != "googlenet":
+        raise ShardError(f"backbone {name!r} is not one of ['googlenet', 'small']")
+    import torchvision
+
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=True)
+    if weights:
+        net.load_state_dict(load_torchvision_state(weights, "googlenet"))
+    fnet = nn.Sequential(net.conv1, net.maxpool1, net.conv2, net.conv3, net.maxpool2, net.inception3a,
+                         net.inception3b, net.maxpool3)
+    stages = nn.ModuleDict({k: getattr(net, k) for k in ("inception4a", "inception4b", "inception4c", "inception4d",
+                                                          "inception4e", "maxpool4", "inception5a", "inception5b")})
+    return fnet, GNet(stages, ("inception4e", "inception5b")), 480, 1024

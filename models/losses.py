@@ -138,3 +138,74 @@ def batch_all_triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: floa
     if not bool(active.any()):
         return emb.sum() * 0.0
     return hinge[active].mean()
+
+
+# -- deml (Chen & Deng, CVPR 2019) ----------------------------------------------------------------
+
+def binomial_deviance_loss(emb: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, beta: float = 0.5,
+                           neg_cost: float = 35.0) -> torch.Tensor:
+    """Eq. 5 for one learner: over all pairs p < q of the batch with cosine similarity D_pq,
+    sum_pq 1/w_pq log(1 + exp(-(2 s_pq - 1) alpha (D_pq - beta) gamma_pq)), gamma = 1 for
+    positives and `neg_cost` (C) for negatives, w_pq = the number of positive (resp. negative)
+    pairs. A pair type absent from the batch contributes 0. Not in pytorch-metric-learning."""
+    z = F.normalize(emb.float(), dim=1)
+    sim = z @ z.T
+    lab = labels.view(-1)
+    upper = torch.triu(torch.ones_like(sim, dtype=torch.bool), diagonal=1)
+    same = lab[:, None] == lab[None, :]
+    pos, neg = upper & same, upper & ~same
+    loss = sim.new_zeros(())
+    if bool(pos.any()):
+        loss = loss + F.softplus(-alpha * (sim[pos] - beta)).mean()
+    if bool(neg.any()):
+        loss = loss + F.softplus(alpha * neg_cost * (sim[neg] - beta)).mean()
+    return loss
+
+
+def activation_decay(emb: torch.Tensor) -> torch.Tensor:
+    """Eq. 6's first term for one learner before the weight: 1/(2N) sum_n ||f_n||^2."""
+    return emb.float().pow(2).sum(1).mean() / 2
+
+
+def nontrivial_term(weight: torch.Tensor) -> torch.Tensor:
+    """Eq. 6's L_ntri for one learner's weight w [d_out, d_in]: tr[(w w^T - I) (.) (w w^T - I)]. The
+    trace of a Hadamard square only sees the diagonal, so this is sum_r (||w_r||^2 - 1)^2: it keeps
+    each output row at unit norm, which the activation decay alone would shrink to zero."""
+    return (weight.float().pow(2).sum(1) - 1).pow(2).sum()
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The gradient reversal layer (Ganin et al. 2016): identity forward, gradient x -scale backward."""
+    return _GradReverse.apply(x, scale)
+
+
+def pairwise_discrepancy(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Eq. 4 before lambda_0: sum over ordered pairs (j, j') of ||F_j - F_j'||^2, mean over the batch."""
+    if len(outputs) < 2:
+        return outputs[0].sum() * 0.0
+    x = torch.stack([o.float() for o in outputs], 1)  # [B, J, k]
+    return torch.cdist(x, x).pow(2).sum((1, 2)).mean()
+
+
+def learner_contrastive_hinge(embs: list[torch.Tensor], margin: float = 2.0) -> torch.Tensor:
+    """The authors' released diversity constraint (REFERENCE_NOTES.md): a contrastive loss with
+    every learner pair of a scale labelled dissimilar, on L2-normalised embeddings:
+    mean over pairs j < j' and images of max(0, margin - ||z_j - z_j'||)^2 / 2."""
+    if len(embs) < 2:
+        return embs[0].sum() * 0.0
+    z = torch.stack([F.normalize(e.float(), dim=1) for e in embs], 1)  # [B, J, k]
+    d = torch.cdist(z, z)
+    j = z.shape[1]
+    upper = torch.triu(torch.ones(j, j, dtype=torch.bool, device=z.device), diagonal=1)
+    return ((margin - d[:, upper]).clamp_min(0).pow(2) / 2).mean()

@@ -80,10 +80,17 @@ def _coop_embed() -> Method:
     return coop_embed.METHOD
 
 
+def _deml() -> Method:
+    from models import deml
+
+    return deml.METHOD
+
+
 # name -> loader of its Method (imported lazily so one method's dependencies never load another's)
 REGISTRY: dict[str, Callable[[], Method]] = {
     "stn_ranker": _stn_ranker,
     "coop_embed": _coop_embed,
+    "deml": _deml,
 }
 
 
