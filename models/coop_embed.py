@@ -43,7 +43,7 @@ from torch import nn
 
 from models.backbones import ImageNorm, feature_net
 from models.losses import batch_all_triplet_loss, mean_rows, order_regulariser, proxy_softmax_loss
-from models.registry import LoaderFactory, Method, ParamGroup, StepInfo
+from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, eval_mode, lazy_figures
 from shards.augment import stable_id
 from shards.format import DatasetMeta, ShardError
 
@@ -326,13 +326,8 @@ def cooperative_loss(m: CoopEmbed, emb: torch.Tensor, inst: torch.Tensor, codes:
 @torch.no_grad()
 def embed_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, H, W] -> embeddings [B, D] (float32, on the model's device, eval mode)."""
-    m = _unwrap(model)
-    was = m.training
-    m.eval()
-    try:
+    with eval_mode(_unwrap(model)) as m:
         return m(images.to(m.instance_category.device)).float()
-    finally:
-        m.train(was)
 
 
 def _with_codes(m: CoopEmbed, d: dict[str, Any]) -> dict[str, Any]:
@@ -388,12 +383,6 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: CoopEmbedConfig, met
     return retrieval_metrics(m, terms, gallery, query)
 
 
-def _figures(*args: Any) -> list[tuple[str, str]]:
-    from models.coop_embed_figures import figures  # matplotlib only when a report is written
-
-    return figures(*args)
-
-
 METHOD = Method(
     name="coop_embed",
     config_cls=CoopEmbedConfig,
@@ -404,7 +393,7 @@ METHOD = Method(
     evaluate=evaluate,
     val_metric="instance_r@1",
     describe="cooperative proxy embedding for instance, attribute and category retrieval (Thong et al. 2019)",
-    figures=_figures,
+    figures=lazy_figures("models.coop_embed_figures"),
     prepare_meta=prepare_meta,
     embed=embed_images,
 )

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.plots import save_figure
+
 MAX_IMAGES = 600
 N_QUERIES, TOP_K, GRAPH_K, PAIRS, MAX_PATH, N_TYPICAL = 6, 4, 5, 2, 12, 5
 GREEN, RED, GREY = "limegreen", "red", "0.6"
@@ -143,13 +145,7 @@ def _mosaic(rows: list[list[Cell | None]], row_labels: list[str], title: str, ou
 
 
 def _save(fig: Any, title: str, out: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.suptitle(title, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(Path(out) / name, dpi=90)
-    plt.close(fig)
-    return name
+    return save_figure(fig, title, out, name, fontsize=7)
 
 
 def _note(text: str, out: Path, name: str) -> str:

@@ -39,7 +39,7 @@ from models.backbones import ImageNorm, split_net
 from models.deml_attention import Adversary, ChannelAttention, attention_map, crop_and_zoom, crop_boxes
 from models.losses import (activation_decay, binomial_deviance_loss, grad_reverse, learner_contrastive_hinge,
                            nontrivial_term, pairwise_discrepancy)
-from models.registry import LoaderFactory, Method, ParamGroup, StepInfo
+from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, eval_mode, lazy_figures
 from shards.format import DatasetMeta, ShardError
 
 
@@ -263,13 +263,8 @@ def step(model: nn.Module, batch: dict[str, Any], cfg: DemlConfig, info: StepInf
 @torch.no_grad()
 def embed_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images [B, 3, H, W] -> holistic embeddings [B, D] (float32, eval mode)."""
-    m = _unwrap(model)
-    was = m.training
-    m.eval()
-    try:
+    with eval_mode(_unwrap(model)) as m:
         return m(images.to(m.norm.mean.device)).float()
-    finally:
-        m.train(was)
 
 
 def _labels(d: dict[str, Any], field_: str) -> np.ndarray:
@@ -349,12 +344,6 @@ def snapshot(model: nn.Module, loaders: LoaderFactory, cfg: DemlConfig, meta: Da
     return out
 
 
-def _figures(*args: Any) -> list[tuple[str, str]]:
-    from models.deml_figures import figures  # matplotlib only when a report is written
-
-    return figures(*args)
-
-
 METHOD = Method(
     name="deml",
     config_cls=DemlConfig,
@@ -366,6 +355,6 @@ METHOD = Method(
     val_metric="r@1",
     describe="hybrid-attention decoupled metric learning for zero-shot retrieval (Chen & Deng 2019)",
     snapshot=snapshot,
-    figures=_figures,
+    figures=lazy_figures("models.deml_figures"),
     embed=embed_images,
 )

@@ -17,17 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.plots import save_figure
+
 N_IMAGES, N_CHANNELS = 6, 4
 
 
-def _save(fig: Any, title: str, out: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=90)
-    plt.close(fig)
-    return name
 
 
 def _display(m: Any, x: torch.Tensor) -> np.ndarray:
@@ -61,7 +55,7 @@ def attention_regions(m: Any, images: torch.Tensor, out: Path) -> str:
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"scale {i + 1}", fontsize=8)
-    return _save(fig, "OAM proposals and crops per scale (red: the next scale's input)", out, "deml_oam.png")
+    return save_figure(fig, "OAM proposals and crops per scale (red: the next scale's input)", out, "deml_oam.png")
 
 
 def channel_proposals(m: Any, image: torch.Tensor, out: Path) -> str | None:
@@ -92,7 +86,7 @@ def channel_proposals(m: Any, image: torch.Tensor, out: Path) -> str | None:
     for ax in np.ravel(axes):
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, "channel-attention proposals of scale 1 (left: each CAM's channel weights)", out, "deml_cam.png")
+    return save_figure(fig, "channel-attention proposals of scale 1 (left: each CAM's channel weights)", out, "deml_cam.png")
 
 
 def recall_curves(run_dir: Path, out: Path) -> str | None:
@@ -112,24 +106,21 @@ def recall_curves(run_dir: Path, out: Path) -> str | None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, "R@1 during training", out, "deml_curves.png")
+    return save_figure(fig, "R@1 during training", out, "deml_curves.png")
 
 
 @torch.no_grad()
 def figures(model: Any, loaders: Any, cfg: Any, meta: Any, run_dir: Path, out: Path) -> list[tuple[str, str]]:
     from models.deml import _unwrap
 
-    m = _unwrap(model)
-    was = m.training
-    m.eval()
-    try:
+    from models.registry import eval_mode
+
+    with eval_mode(_unwrap(model)) as m:
         images = _first_images(loaders, N_IMAGES)
         made = [("Fig. 4a analog: object-attention regions at each scale", attention_regions(m, images, out))]
         cam = channel_proposals(m, images[0], out)
         if cam:
             made.append(("Fig. 4b analog: channel-attention proposals of the CAMs", cam))
-    finally:
-        m.train(was)
     curves = recall_curves(run_dir, out)
     if curves:
         made.append(("Fig. 5 analog: training vs testing R@1 over training", curves))

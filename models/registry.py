@@ -6,6 +6,8 @@ A step returns named losses per optimiser ({"main": loss} for one optimiser; {"r
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
@@ -66,6 +68,27 @@ class Method:
     prepare_meta: Callable[[DatasetMeta, Path, str], DatasetMeta] | None = None
     # optional: (model, uint8 images [B, 3, H, W]) -> embeddings [B, D] (index, serving)
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """The module in eval mode for the block; its previous mode restored after."""
+    was = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was)
+
+
+def lazy_figures(module: str) -> Callable[..., list[tuple[str, str]]]:
+    """A `figures` hook that imports `module` (and so matplotlib) only when a report is drawn."""
+    def figures(*args: Any) -> list[tuple[str, str]]:
+        import importlib
+
+        return importlib.import_module(module).figures(*args)
+
+    return figures
 
 
 def _stn_ranker() -> Method:

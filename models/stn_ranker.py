@@ -49,7 +49,7 @@ from torch import nn
 
 from models.backbones import ImageNorm, backbone_state, fc7_net, pool5_net
 from models.losses import boundary_grad, boundary_loss, outside_mask, ranknet_loss, st_loss
-from models.registry import LoaderFactory, Method, ParamGroup, StepInfo
+from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, lazy_figures
 from models.stn import LOCALISER_DIMS, Localiser, crop_box, make_theta, warp
 from shards.format import DatasetMeta, ShardError
 
@@ -380,12 +380,6 @@ def snapshot(model: nn.Module, loaders: LoaderFactory, cfg: StnRankerConfig, met
             "score": torch.cat(scores).numpy() if scores else np.zeros((0, k), np.float32)}
 
 
-def _figures(*args: Any) -> list[tuple[str, str]]:
-    from models.stn_ranker_figures import figures  # matplotlib only when a report is written
-
-    return figures(*args)
-
-
 METHOD = Method(
     name="stn_ranker",
     config_cls=StnRankerConfig,
@@ -397,5 +391,5 @@ METHOD = Method(
     val_metric="rank_acc",
     describe="STN localiser + Siamese AlexNet ranker with RankNet loss (Singh & Lee, ECCV 2016)",
     snapshot=snapshot,
-    figures=_figures,
+    figures=lazy_figures("models.stn_ranker_figures"),
 )

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.plots import save_figure
+
 MAX_IMAGES = 400  # images scored for the ranked strips
 COLUMNS = 8
 
@@ -36,14 +38,6 @@ def _collect(model: Any, loaders: Any, cfg: Any) -> tuple[np.ndarray, np.ndarray
     return np.concatenate(imgs), np.concatenate(scores), np.concatenate(boxes), np.concatenate(gts)
 
 
-def _save(fig: Any, title: str, out: Path, name: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=90)
-    plt.close(fig)
-    return name
 
 
 def _rect(ax: Any, box: np.ndarray, size: int, **kw: Any) -> None:
@@ -75,7 +69,7 @@ def ranked_strips(model: Any, loaders: Any, cfg: Any, meta: Any, out: Path) -> s
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    return _save(fig, "test images by predicted strength (left: weakest); red: STN crop, green: true region",
+    return save_figure(fig, "test images by predicted strength (left: weakest); red: STN crop, green: true region",
                  out, "stn_ranked_strips.png")
 
 
@@ -108,7 +102,7 @@ def box_distribution(run_dir: Path, loaders: Any, out: Path) -> str | None:
                 ax.set_title(f"step {int(path.stem.split('_')[1])}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    return _save(fig, "STN crop distribution over validation images during training", out, "stn_box_distribution.png")
+    return save_figure(fig, "STN crop distribution over validation images during training", out, "stn_box_distribution.png")
 
 
 @torch.no_grad()
