@@ -253,3 +253,45 @@ def test_report_figures_draw_oam_cam_and_curves(tiny_digits: Path, tmp_path: Pat
     assert names == ["deml_oam.png", "deml_cam.png", "deml_curves.png"]
     assert all((out / n).stat().st_size > 1000 for n in names)
     assert model.training  # eval mode only while drawing
+
+
+@pytest.mark.parametrize("diversity,adversary", [("adversary", "orthogonal"), ("adversary", "mlp"), ("hinge", "orthogonal")])
+def test_diversity_game_adversary_descends_learners_ascend(diversity: str, adversary: str) -> None:
+    """Eq. 4 through the GRL: a small step along -grad lowers L_adv for the adversary's own
+    parameters and raises it for the learners' (the max-min game in one backward pass); the
+    hinge variant is minimised by the learners directly."""
+    from models.deml import Deml, DemlConfig, deml_loss
+
+    torch.manual_seed(0)
+    cfg = DemlConfig(scales=1, learners=3, dim=24, diversity=diversity, adversary=adversary)
+    m = Deml(cfg, "category")
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+
+    def div_term() -> torch.Tensor:
+        terms: dict[str, torch.Tensor] = {}
+        deml_loss(m, m(images, train=True), labels, cfg, terms)
+        return terms[diversity]
+
+    m.eval()  # fixed BatchNorm statistics: only the parameters move between evaluations
+    before = div_term()
+    m.zero_grad()
+    before.backward()
+    learners = list(m.scales[0].learners.parameters())
+    adv = [] if m.scales[0].adversary is None else list(m.scales[0].adversary.parameters())
+    with torch.no_grad():
+        for p in learners + adv:
+            p.data.add_(p.grad, alpha=-1e-3)  # what the optimiser does with the (reversed) gradients
+    if diversity == "hinge":
+        assert div_term().item() < before.item()
+        return
+    with torch.no_grad():  # undo the adversary's step: the learners alone raise L_adv
+        for p in adv:
+            p.data.add_(p.grad, alpha=1e-3)
+    assert div_term().item() > before.item()
+    with torch.no_grad():  # undo the learners', take the adversary's: it lowers L_adv
+        for p in learners:
+            p.data.add_(p.grad, alpha=1e-3)
+        for p in adv:
+            p.data.add_(p.grad, alpha=-1e-3)
+    assert div_term().item() < before.item()
