@@ -209,3 +209,55 @@ def learner_contrastive_hinge(embs: list[torch.Tensor], margin: float = 2.0) -> 
     j = z.shape[1]
     upper = torch.triu(torch.ones(j, j, dtype=torch.bool, device=z.device), diagonal=1)
     return ((margin - d[:, upper]).clamp_min(0).pow(2) / 2).mean()
+
+
+# -- trip (Translation via RIval Preferences, ICLR 2021 submission) -------------------------------
+# K = 1 gives Eq. 5a / 5b; K >= 2 the multi-attribute Eq. 7a / 7b (one rank head per attribute).
+
+def trip_ranker_loss(r_real: torch.Tensor, target: torch.Tensor, r_fake: torch.Tensor, lam: float) -> torch.Tensor:
+    """Eq. 7a: E[sum_k (R_k(x, y) - r_k)^2] over real pairs (r in {-1, 0, +1}; 0 = similar pairs,
+    Remark 1) + lam E[sum_k R_k(x, G(x, v))^2] over generated pairs (the rival preference)."""
+    real = (r_real.float() - target.float()).pow(2).view(len(r_real), -1).sum(1).mean()
+    return real + lam * r_fake.float().pow(2).view(len(r_fake), -1).sum(1).mean()
+
+
+def trip_generator_rank_loss(r_fake: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Eq. 7b: E[sum_k (R_k(x, G(x, v)) - v_k)^2] (the ranker's output linearised to v, Eq. 4)."""
+    return (r_fake.float() - v.float()).pow(2).view(len(r_fake), -1).sum(1).mean()
+
+
+def lsgan_discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Eq. 6a: E[(D(x) - 1)^2] + E[D(G(x, v))^2]."""
+    return (d_real.float() - 1).pow(2).mean() + d_fake.float().pow(2).mean()
+
+
+def lsgan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """Eq. 6b: E[(D(G(x, v)) - 1)^2]."""
+    return (d_fake.float() - 1).pow(2).mean()
+
+
+def gradient_penalty(critic: Any, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    """WGAN-GP's E[(||grad_z critic(z)||_2 - 1)^2] at z = t a + (1 - t) b, t ~ U(0, 1) per sample
+    (the authors: between the input and its translation). `critic` maps [B, ...] -> [B] or [B, 1]."""
+    if t is None:
+        t = torch.rand(len(a), *([1] * (a.dim() - 1)), device=a.device, dtype=a.dtype)
+    z = (t * a.detach() + (1 - t) * b.detach()).requires_grad_(True)
+    out = critic(z)
+    (grad,) = torch.autograd.grad(out.sum(), z, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+def cycle_l1(x: torch.Tensor, x_back: torch.Tensor) -> torch.Tensor:
+    """L_cycle: mean |x - G(G(x, v), -v)|."""
+    return (x.float() - x_back.float()).abs().mean()
+
+
+def orthogonal_regulariser(weights: list[torch.Tensor]) -> torch.Tensor:
+    """L_o (RelGAN follows BigGAN): sum_W ||W W^T (.) (1 - I)||_F^2 with W reshaped to
+    [out, in * kh * kw]: penalises the correlation between filters, not their norms."""
+    total = weights[0].new_zeros(())
+    for w in weights:
+        m = w.float().flatten(1)
+        g = m @ m.T
+        total = total + (g * (1 - torch.eye(len(g), device=g.device))).pow(2).sum()
+    return total
