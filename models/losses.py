@@ -214,11 +214,15 @@ def learner_contrastive_hinge(embs: list[torch.Tensor], margin: float = 2.0) -> 
 # -- trip (Translation via RIval Preferences, ICLR 2021 submission) -------------------------------
 # K = 1 gives Eq. 5a / 5b; K >= 2 the multi-attribute Eq. 7a / 7b (one rank head per attribute).
 
-def trip_ranker_loss(r_real: torch.Tensor, target: torch.Tensor, r_fake: torch.Tensor, lam: float) -> torch.Tensor:
+def trip_ranker_loss(r_real: torch.Tensor, target: torch.Tensor, r_fake: torch.Tensor, lam: float,
+                     known: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 7a: E[sum_k (R_k(x, y) - r_k)^2] over real pairs (r in {-1, 0, +1}; 0 = similar pairs,
-    Remark 1) + lam E[sum_k R_k(x, G(x, v))^2] over generated pairs (the rival preference)."""
-    real = (r_real.float() - target.float()).pow(2).view(len(r_real), -1).sum(1).mean()
-    return real + lam * r_fake.float().pow(2).view(len(r_fake), -1).sum(1).mean()
+    Remark 1) + lam E[sum_k R_k(x, G(x, v))^2] over generated pairs (the rival preference).
+    `known` [B, K] (bool) drops the r_k a real pair does not label (a pair compares one attribute)."""
+    err = (r_real.float() - target.float()).pow(2).view(len(r_real), -1)
+    if known is not None:
+        err = err * known.view(len(r_real), -1).to(err.dtype)
+    return err.sum(1).mean() + lam * r_fake.float().pow(2).view(len(r_fake), -1).sum(1).mean()
 
 
 def trip_generator_rank_loss(r_fake: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,9 @@ def test_rank_losses_match_eq7_written_as_loops() -> None:
     real = sum(sum((float(r_real[i, j]) - float(target[i, j])) ** 2 for j in range(k)) for i in range(b)) / b
     fake = sum(sum(float(r_fake[i, j]) ** 2 for j in range(k)) for i in range(b)) / b
     assert trip_ranker_loss(r_real, target, r_fake, 0.5).item() == pytest.approx(real + 0.5 * fake)
+    known = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0]], dtype=torch.bool)
+    real_known = sum((float(r_real[i, j]) - float(target[i, j])) ** 2 for i in range(b) for j in range(k) if known[i, j]) / b
+    assert trip_ranker_loss(r_real, target, r_fake, 0.5, known).item() == pytest.approx(real_known + 0.5 * fake)
     gen = sum(sum((float(r_fake[i, j]) - float(v[i, j])) ** 2 for j in range(k)) for i in range(b)) / b
     assert trip_generator_rank_loss(r_fake, v).item() == pytest.approx(gen)
     # K = 1 (Eq. 5a / 5b) from [B] outputs
