@@ -81,6 +81,21 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was)
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """The module's parameters out of the autograd graph for the block (inputs still get
+    gradients): a GAN phase's loss through the other network leaves that network's .grad alone,
+    so each named optimiser of a step only ever sees its own gradients."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def lazy_figures(module: str) -> Callable[..., list[tuple[str, str]]]:
     """A `figures` hook that imports `module` (and so matplotlib) only when a report is drawn."""
     def figures(*args: Any) -> list[tuple[str, str]]:
