@@ -267,11 +267,6 @@ def embed_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return m(images.to(m.norm.mean.device)).float()
 
 
-def _labels(d: dict[str, Any], field_: str) -> np.ndarray:
-    raw = np.asarray(d[field_]).astype(str)
-    return np.unique(raw, return_inverse=True)[1]
-
-
 def retrieval_metrics(m: Deml, gallery: dict[str, Any], query: dict[str, Any] | None,
                       ks: tuple[int, ...]) -> dict[str, float]:
     """r@K of the holistic embedding, oa{i}_r@1 per scale, ca{i}.{j}_r@1 per learner, sim / sim_std."""
