@@ -184,28 +184,29 @@ def backbone_state(name: str, weights: str) -> dict[str, torch.Tensor] | None:
 
 # -- embedding trunks (coop_embed, deml, ...) -----------------------------------------------------
 
-EMBED_BACKBONES: dict[str, int] = {"resnet50": 2048, "small": 64}  # name -> pooled feature width
+EMBED_BACKBONES: dict[str, int] = {"resnet50": 2048, "resnet18": 512, "small": 64}  # name -> pooled feature width
 
 
 def feature_net(name: str, weights: str = "") -> tuple[nn.Module, int]:
     """A globally pooled feature extractor [B, 3, H, W] -> [B, D] and D.
 
-    resnet50: torchvision's definition without its classifier (random init, or `weights`, a
-    local torchvision resnet50 state_dict); small: the CPU CNN above + global average pool.
+    resnet50 / resnet18: torchvision's definition without its classifier (random init, or
+    `weights`, a local torchvision state_dict of that arch); small: the CPU CNN above + global
+    average pool.
     """
     if name not in EMBED_BACKBONES:
         raise ShardError(f"backbone {name!r} is not one of {list(EMBED_BACKBONES)}")
     if name == "small":
         if weights:
-            raise ShardError(f"model.weights ({weights!r}) is only for backbone 'resnet50'; 'small' starts from random weights")
+            raise ShardError(f"model.weights ({weights!r}) is only for the resnet backbones; 'small' starts from random weights")
         return nn.Sequential(_small_features(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 64
     import torchvision
 
-    net = torchvision.models.resnet50(weights=None)
+    net = getattr(torchvision.models, name)(weights=None)
     if weights:
-        net.load_state_dict(load_torchvision_state(weights, "resnet50"))
+        net.load_state_dict(load_torchvision_state(weights, name))
     net.fc = nn.Identity()
-    return net, 2048
+    return net, EMBED_BACKBONES[name]
 
 
 # -- two-part trunks (deml: FNet = up to the channel-attention point, GNet = the rest) ------------

@@ -124,11 +124,27 @@ def _deml() -> Method:
     return deml.METHOD
 
 
+def _trip() -> Method:
+    from models import trip
+
+    return trip.METHOD
+
+
+def _attr_oracle() -> Method:
+    from models import attr_oracle
+
+    return attr_oracle.METHOD
+
+
 # name -> loader of its Method (imported lazily so one method's dependencies never load another's)
 REGISTRY: dict[str, Callable[[], Method]] = {
     "stn_ranker": _stn_ranker,
     "coop_embed": _coop_embed,
     "deml": _deml,
+    "trip": _trip,
+    # not one of the five methods: the attribute regressor trip (and later latent_retrieval) is
+    # judged by, trained on real images through the same spine
+    "attr_oracle": _attr_oracle,
 }
 
 

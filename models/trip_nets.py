@@ -102,8 +102,9 @@ class Ranker(nn.Module):
         for _ in range(n_feat):
             layers += [nn.Conv2d(cin, ch, 4, 2, 1), nn.LeakyReLU(0.01, inplace=True)]
             cin, ch = ch, ch * 2
-        self.features = nn.Sequential(*layers)
         side = image_size // 2 ** n_feat
+        # identity at the configured size; lets another input size through (the dense heads are sized for `side`)
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(side))
         self.rank_conv = nn.Sequential(nn.Conv2d(cin, 1, 1), nn.LeakyReLU(0.01))
         self.rank_fc = nn.Linear(side * side, k)
         self.gan_fc = nn.Linear(cin * side * side, 1)

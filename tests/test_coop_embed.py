@@ -214,5 +214,5 @@ def test_resnet50_trunk_from_a_local_state_dict_and_clear_errors(tmp_path: Path)
     torch.save({"conv1.weight": torch.zeros(3)}, bad)
     with pytest.raises(ShardError, match=r"bad\.pt: not a torchvision ResNet-50 state_dict"):
         feature_net("resnet50", str(bad))
-    with pytest.raises(ShardError, match="only for backbone 'resnet50'"):
+    with pytest.raises(ShardError, match="only for the resnet backbones"):
         feature_net("small", str(good))

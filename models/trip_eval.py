@@ -1,0 +1,176 @@
+"""trip's evaluation (papers/trip.txt Sec. 4, App. D) on the evaluated split's first
+`eval_images` images. Per target attribute k (the others at v = 0), then the mean over k:
+
+* `ssim_std`: SSIM-std over the path v_k in {-1, -0.8, ..., 1} (Eq. 8, models/gen_metrics.py);
+* `rank_v_corr`: Pearson correlation between v_k and trip's own ranker R_k(x, G(x, v)) over the
+  path (Fig. 6-7's ranker-output-vs-v line; mean/std per v are in the report's figure);
+* `rank_acc`: the ranker's sign accuracy on the split's real ordered pairs (each image vs the next);
+
+with an independent attribute oracle (`model.oracle`, an attr_oracle run trained on real images):
+* `spearman_v`: Spearman correlation between v_k and the oracle's change of attribute k,
+  o_k(G(x, v)) - o_k(x), pooled over images and the 11 path values;
+* `aas`: attribute-swapping accuracy, v_k = 1 - 2 a_k with a_k = [oracle's o_k(x) >= aas_threshold]
+  (the oracle's reading of the input, so a mislabelled input does not count against G);
+* `nontarget_change`: mean |o_j(G(x, v)) - o_j(x)| over the oracle's other attributes and the path;
+* `fid_oracle`: Fréchet distance between oracle features of the real images and of their swaps —
+  an FID-STYLE score on the oracle's features, not Inception's FID;
+* `fid`: the standard FID (torchmetrics, torch-fidelity's Inception) only when
+  `model.inception_weights` names a local weights file (nothing is downloaded).
+Per-attribute values are reported as `<key>/<attr>` too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from models import gen_metrics
+from models.registry import LoaderFactory, eval_mode
+from models.trip import Trip, TripConfig, _unwrap
+from shards.format import DatasetMeta, ShardError
+
+PATH_V = np.round(np.linspace(-1.0, 1.0, 11), 1)  # -1, -0.8, ..., 1 (the paper's strips)
+_ORACLES: dict[str, Any] = {}
+
+
+def load_oracle(path: str) -> nn.Module:
+    """The attr_oracle model of a run directory (its latest export) or an export directory."""
+    from jobs.checkpoints import latest_export  # lazy: models/ stays importable without the jobs layer
+    from jobs.evaluate import load_export
+
+    if path in _ORACLES:
+        return _ORACLES[path]
+    p = Path(path)
+    if not p.exists():
+        raise ShardError(f"model.oracle {p}: not found; train one with `attrlab train attr_oracle --data ... --run-dir {p}`")
+    export = p if (p / "model.safetensors").is_file() else latest_export(p)
+    method, _, model, _ = load_export(export)
+    if method.name != "attr_oracle":
+        raise ShardError(f"model.oracle {p}: is a {method.name} run, not attr_oracle")
+    _ORACLES[path] = model
+    return model
+
+
+def eval_batch(loaders: LoaderFactory, n: int) -> dict[str, torch.Tensor]:
+    """The first n images of the evaluated split (uint8) and their attribute values."""
+    imgs, vals = [], []
+    for batch in loaders("__eval__", kind="samples"):
+        imgs.append(batch["image"])
+        vals.append(batch["attributes"])
+        if sum(len(i) for i in imgs) >= n:
+            break
+    if not imgs:
+        raise ShardError("trip: the evaluated split has no images")
+    return {"image": torch.cat(imgs)[:n], "attributes": torch.cat(vals)[:n]}
+
+
+@torch.no_grad()
+def path_frames(m: Trip, images: torch.Tensor, k: int, values: np.ndarray = PATH_V,
+                base: torch.Tensor | None = None, batch_size: int = 64) -> torch.Tensor:
+    """uint8 frames [T, N, 3, H, W]: G(x, v) with v_k = each value (the other dims from `base`, else 0)."""
+    dev = m.cols.device
+    out = []
+    with eval_mode(m):
+        for val in values:
+            chunk_out = []
+            for chunk in images.split(batch_size):
+                v = torch.zeros(len(chunk), len(m.attributes), device=dev) if base is None else base.to(dev).expand(len(chunk), -1).clone()
+                v[:, k] = float(val)
+                chunk_out.append(m.translate(chunk, v).cpu())
+            out.append(torch.cat(chunk_out))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def ranker_on_path(m: Trip, images: torch.Tensor, frames: torch.Tensor, k: int) -> np.ndarray:
+    """R_k(x, G(x, v)) [T, N] for every frame of the path."""
+    dev = m.cols.device
+    x = m.to_unit(images.to(dev))
+    with eval_mode(m):
+        return np.stack([m.ranker.rank(x, m.to_unit(f.to(dev)))[:, k].float().cpu().numpy() for f in frames])
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@torch.no_grad()
+def inception_fid(weights: str, real: torch.Tensor, fake: torch.Tensor) -> float:
+    """The standard FID through torchmetrics with a LOCAL Inception weights file (torch-fidelity's
+    FID Inception: `feature_extractor_weights_path`); a clear error when it cannot run offline."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as e:
+        raise ShardError(f"model.inception_weights is set but torchmetrics' FID is unavailable ({e}); "
+                         f"pip install 'attrlab[fid]'") from None
+    if not Path(weights).is_file():
+        raise ShardError(f"model.inception_weights {weights}: not found (a local FID Inception weights file)")
+    fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: TripConfig, meta: DatasetMeta) -> dict[str, float]:
+    m = _unwrap(model)
+    data = eval_batch(loaders, cfg.eval_images)
+    images = data["image"]
+    oracle = load_oracle(cfg.oracle) if cfg.oracle else None
+    o_cols: list[int] = []
+    if oracle is not None:
+        missing = [a for a in m.attributes if a not in oracle.attributes]
+        if missing:
+            raise ShardError(f"model.oracle {cfg.oracle}: does not predict {missing} (it has {list(oracle.attributes)})")
+        o_cols = [oracle.attributes.index(a) for a in m.attributes]
+        from models.attr_oracle import predict as oracle_predict
+        real = oracle_predict(oracle, images)
+    per: dict[str, list[float]] = {}
+    swapped_all = []
+    for k, name in enumerate(m.attributes):
+        frames = path_frames(m, images, k)  # [T, N, 3, H, W] uint8
+        row = {"ssim_std": gen_metrics.ssim_std(frames.permute(0, 1, 3, 4, 2).numpy().astype(np.float32) / 255.0)}
+        rk = ranker_on_path(m, images, frames, k)
+        row["rank_v_corr"] = _pearson(np.repeat(PATH_V[:, None], rk.shape[1], 1), rk)
+        if oracle is not None:
+            t, n = frames.shape[:2]
+            pv = oracle_predict(oracle, frames.flatten(0, 1))["value"].view(t, n, -1).numpy()
+            base = real["value"].numpy()
+            j = o_cols[k]
+            row["spearman_v"] = gen_metrics.spearman_change(np.repeat(PATH_V[:, None], n, 1), pv[:, :, j] - base[None, :, j])
+            others = [i for i in range(pv.shape[2]) if i not in o_cols]
+            if others:
+                row["nontarget_change"] = gen_metrics.mean_abs_change(base[None][:, :, others], pv[:, :, others])
+            a = base[:, j] >= cfg.aas_threshold
+            v = torch.zeros(n, len(m.attributes))
+            v[:, k] = torch.from_numpy(1.0 - 2.0 * a.astype(np.float32))
+            with eval_mode(m):
+                swapped = torch.cat([m.translate(c, vc).cpu() for c, vc in zip(images.split(64), v.split(64))])
+            sw = oracle_predict(oracle, swapped)
+            row["aas"] = gen_metrics.swap_accuracy(base[:, j], sw["value"][:, j].numpy(), cfg.aas_threshold)
+            row["fid_oracle"] = gen_metrics.frechet_distance(real["features"].numpy(), sw["features"].numpy())
+            swapped_all.append(swapped)
+        for key, val in row.items():
+            per.setdefault(key, []).append(val)
+            if len(m.attributes) > 1:
+                per.setdefault(f"{key}/{name}", []).append(val)
+    out = {key: float(np.mean(vals)) for key, vals in per.items()}
+    with eval_mode(m):  # the ranker on the split's real pairs (each image against the next)
+        from models.trip import relative_targets
+
+        vals = data["attributes"][:, m.cols.cpu()].to(m.cols.device)
+        r, known = relative_targets(vals, vals.roll(1, 0), m.binary, cfg.tau, cfg.tau_sim)
+        x = m.to_unit(images.to(m.cols.device))
+        pred = m.ranker.rank(x, x.roll(1, 0))
+        ordered = known & (r != 0)
+        if ordered.any():
+            out["rank_acc"] = float(((pred.sign() == r) & ordered).sum() / ordered.sum())
+    if cfg.inception_weights and swapped_all:
+        out["fid"] = inception_fid(cfg.inception_weights, images, torch.cat(swapped_all))
+    return out
