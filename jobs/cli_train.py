@@ -114,6 +114,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         sets.append(f"schedule.max_steps={a.max_steps}")
     sets.append(f"data.path={a.data.resolve()}")
     cfg = load_run_config(a.method, a.config, sets)
+    cfg = absolute_paths(cfg, registry.get(a.method).path_fields)
     read_meta(a.data)
     prepare_run_dir(a.out, a.method, cfg, a.data)
     from jobs.train import TrainJob
@@ -122,6 +123,15 @@ def cmd_train(a: argparse.Namespace) -> int:
     metrics = run_local(job) if a.local else run_ray(job, cfg)
     print(json.dumps({"run_dir": str(a.out), **{k: round(v, 4) for k, v in metrics.items()}}))
     return 0
+
+
+def absolute_paths(cfg: Any, fields: tuple[str, ...]) -> Any:
+    """cfg with the named `model:` path fields made absolute (relative to this process's cwd)."""
+    import dataclasses
+
+    fixed = {f: str(Path(getattr(cfg.model, f)).resolve()) for f in fields
+             if getattr(cfg.model, f) and not Path(getattr(cfg.model, f)).is_absolute() and "://" not in getattr(cfg.model, f)}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fixed)) if fixed else cfg
 
 
 def _free_port() -> int:

@@ -1,11 +1,14 @@
 """`attrlab demo`: the main job end to end on the embedded default (grows with each method).
 
-1. build the attrworld and cluttered_digits shards and validate them;
-2. start a local Ray cluster and train stn_ranker, coop_embed (attrworld) and deml
-   (cluttered_digits) with 2 workers each (DeepSpeed over gloo) on a short budget;
+1. build the attrworld and cluttered_digits shards, and attrworld's 32 px translation build
+   (TRANSLATION_OPTIONS: larger, cleaner faces), and validate them;
+2. start a local Ray cluster and train stn_ranker, coop_embed (attrworld), deml
+   (cluttered_digits), then the attribute oracle and trip (translation build) with 2 workers
+   each (DeepSpeed over gloo) on a short budget;
 3. evaluate each (stn_ranker: ranking accuracy on the test split; coop_embed: retrieval of unseen
-   identities, query -> gallery; deml: zero-shot Recall@K on the unseen digits 5-9), build
-   coop_embed's faiss gallery index, write the reports and print the metrics with the report paths.
+   identities, query -> gallery; deml: zero-shot Recall@K on the unseen digits 5-9; trip: the
+   translation metrics judged by the oracle), build coop_embed's faiss gallery index, write the
+   reports and print the metrics with the report paths.
 Re-running resumes: verified shards are skipped and a finished run is only re-evaluated.
 """
 from __future__ import annotations
@@ -24,7 +27,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=500, help="stn_ranker training steps")
     p.add_argument("--coop-steps", type=int, default=300, help="coop_embed training steps")
     p.add_argument("--deml-steps", type=int, default=300, help="deml training steps")
+    p.add_argument("--oracle-steps", type=int, default=400, help="attr_oracle training steps")
+    p.add_argument("--trip-steps", type=int, default=300, help="trip training steps")
     p.set_defaults(func=cmd_demo)
+
+
+# attrworld for translation at 32 px: bigger faces, no subtlety, little clutter, so the smile is
+# visible at the size a CPU GAN can train at (the same build as bench/trip_ablation.py)
+TRANSLATION_OPTIONS = {"clutter": "2", "subtlety": "0", "face_scale": "0.7,0.8", "rotation": "4", "region_scale": "1.3"}
+TRANSLATION_BUILD = dict(size=32, count=4000, options=TRANSLATION_OPTIONS)
 
 
 def build_shards(out: Path, workers: int) -> bool:
@@ -34,10 +45,12 @@ def build_shards(out: Path, workers: int) -> bool:
     from shards.writer import write_dataset
 
     ok = True
-    for name in ("attrworld", "cluttered_digits"):
-        root = out / "shards" / name
+    builds = [("attrworld", "attrworld", BuildOptions()), ("cluttered_digits", "cluttered_digits", BuildOptions()),
+              ("attrworld", "attrworld_faces32", BuildOptions(**TRANSLATION_BUILD))]
+    for name, folder, opts in builds:
+        root = out / "shards" / folder
         t0 = time.perf_counter()
-        write_dataset(plan_embedded(name, BuildOptions()), root, shard_size=500, workers=workers)
+        write_dataset(plan_embedded(name, opts), root, shard_size=500, workers=workers)
         built = time.perf_counter() - t0
         problems, _ = validate(root)
         print(summary(root))
@@ -53,6 +66,8 @@ def _train_args(method: str, data: Path, run: Path, workers: int, steps: int) ->
             "schedule.log_every=25", "scaling.cpus_per_worker=1", "data.loader.num_workers=0"]
     if method == "stn_ranker":
         sets.append(f"model.stage1_steps={steps // 3}")
+    if method == "trip":
+        sets += [f"model.pretrain_steps={steps // 3}", f"model.oracle={(run.parent / 'attr_oracle').resolve()}"]
     return ["train", method, "--data", str(data), "--out", str(run), "--workers", str(workers),
             "--max-steps", str(steps), *[x for s in sets for x in ("--set", s)]]
 
@@ -67,9 +82,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
         return 1
     data = a.out / "shards" / "attrworld"
     digits = a.out / "shards" / "cluttered_digits"
+    faces = a.out / "shards" / "attrworld_faces32"
     runs = {"stn_ranker": (a.out / "runs" / "stn_ranker", a.steps, data),
             "coop_embed": (a.out / "runs" / "coop_embed", a.coop_steps, data),
-            "deml": (a.out / "runs" / "deml", a.deml_steps, digits)}
+            "deml": (a.out / "runs" / "deml", a.deml_steps, digits),
+            "attr_oracle": (a.out / "runs" / "attr_oracle", a.oracle_steps, faces),  # trip's judge: before trip
+            "trip": (a.out / "runs" / "trip", a.trip_steps, faces)}
     ray.init(num_cpus=max(2, a.workers), include_dashboard=False, log_to_driver=False)
     try:
         for method, (run, steps, shards) in runs.items():
@@ -80,19 +98,23 @@ def cmd_demo(a: argparse.Namespace) -> int:
         ray.shutdown()
     coop = runs["coop_embed"][0]
     deml = runs["deml"][0]
+    trip = runs["trip"][0]
     for cmd in (["eval", str(runs["stn_ranker"][0])], ["report", str(runs["stn_ranker"][0])], ["eval", str(coop)],
                 ["index", str(coop), "--data", str(data)], ["report", str(coop)], ["eval", str(deml)],
-                ["report", str(deml)]):
+                ["report", str(deml)], ["eval", str(runs["attr_oracle"][0])], ["eval", str(trip)], ["report", str(trip)]):
         if attrlab(cmd) != 0:
             return 1
     rows = [("stn_ranker", k) for k in ("rank_acc", "stn_hit")]
     rows += [("coop_embed", k) for k in ("instance_r@1", "attribute_map", "category_map")]
     rows += [("deml", k) for k in ("r@1", "r@8", "sim")]
+    rows += [("attr_oracle", "oracle_score")]
+    rows += [("trip", k) for k in ("spearman_v", "aas", "ssim_std", "nontarget_change", "fid_oracle")]
     print(f"\n{'method':12s}{'metric':16s}{'value':>7s}   report")
     for method, key in rows:
         run = runs[method][0]
         m = json.loads((run / "metrics.json").read_text())
         if key in m:
-            print(f"{method:12s}{key:16s}{m[key]:7.3f}   {(run / 'report' / 'index.html').resolve()}")
+            report = run / "report" / "index.html"
+            print(f"{method:12s}{key:16s}{m[key]:7.3f}   {report.resolve() if report.is_file() else ''}")
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s; shards under {(a.out / 'shards').resolve()}")
     return 0

@@ -34,6 +34,9 @@ class AttrOracleConfig:
     weights: str = ""  # local torchvision resnet18 state_dict; '' = random init
     attributes: tuple[str, ...] = ()  # () = every continuous and binary attribute of the dataset
     dropout: float = 0.0
+    # > 0: every input is resized to this side first (bilinear), in training and when judging
+    # generated images; the small CNN's strided stem reads a 32 px face's mouth better at 64
+    input_size: int = 0
 
 
 class AttrOracle(nn.Module):
@@ -48,7 +51,10 @@ class AttrOracle(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 (or 0..255 float) images [B, 3, H, W] -> features [B, D], logits [B, K], value [B, K] in [0, 1]."""
-        f = self.backbone(self.norm(images))
+        x = self.norm(images)
+        if self.cfg.input_size and x.shape[-2:] != (self.cfg.input_size, self.cfg.input_size):
+            x = F.interpolate(x, size=(self.cfg.input_size,) * 2, mode="bilinear", align_corners=False)
+        f = self.backbone(x)
         logits = self.head(f)
         return {"features": f, "logits": logits, "value": torch.sigmoid(logits)}
 
@@ -161,4 +167,5 @@ METHOD = Method(
     evaluate=evaluate,
     val_metric="oracle_score",
     describe="attribute regressor/classifier on real images: the independent judge of generated images",
+    path_fields=("weights",),
 )

@@ -396,4 +396,5 @@ METHOD = Method(
     figures=lazy_figures("models.coop_embed_figures"),
     prepare_meta=prepare_meta,
     embed=embed_images,
+    path_fields=("weights",),
 )

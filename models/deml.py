@@ -352,4 +352,5 @@ METHOD = Method(
     snapshot=snapshot,
     figures=lazy_figures("models.deml_figures"),
     embed=embed_images,
+    path_fields=("weights",),
 )

@@ -240,15 +240,17 @@ def lsgan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
     return (d_fake.float() - 1).pow(2).mean()
 
 
-def gradient_penalty(critic: Any, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-    """WGAN-GP's E[(||grad_z critic(z)||_2 - 1)^2] at z = t a + (1 - t) b, t ~ U(0, 1) per sample
-    (the authors: between the input and its translation). `critic` maps [B, ...] -> [B] or [B, 1]."""
+def gradient_penalty(critic: Any, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None = None,
+                     center: float = 1.0) -> torch.Tensor:
+    """WGAN-GP's E[(||grad_z critic(z)||_2 - center)^2] at z = t a + (1 - t) b, t ~ U(0, 1) per
+    sample (the authors: between the input and its translation); center 0 = the zero-centred
+    penalty. `critic` maps [B, ...] -> [B] or [B, 1]."""
     if t is None:
         t = torch.rand(len(a), *([1] * (a.dim() - 1)), device=a.device, dtype=a.dtype)
     z = (t * a.detach() + (1 - t) * b.detach()).requires_grad_(True)
     out = critic(z)
     (grad,) = torch.autograd.grad(out.sum(), z, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+    return (grad.flatten(1).norm(dim=1) - center).pow(2).mean()
 
 
 def cycle_l1(x: torch.Tensor, x_back: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,9 @@ class Method:
     prepare_meta: Callable[[DatasetMeta, Path, str], DatasetMeta] | None = None
     # optional: (model, uint8 images [B, 3, H, W]) -> embeddings [B, D] (index, serving)
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # `model:` fields holding local paths: made absolute at submission, so Ray workers (whose
+    # working directory differs) read the same file
+    path_fields: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager

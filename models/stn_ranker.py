@@ -392,4 +392,5 @@ METHOD = Method(
     describe="STN localiser + Siamese AlexNet ranker with RankNet loss (Singh & Lee, ECCV 2016)",
     snapshot=snapshot,
     figures=lazy_figures("models.stn_ranker_figures"),
+    path_fields=("weights",),
 )

@@ -60,6 +60,10 @@ class TripConfig:
     lambda_g: float = 0.5
     lambda_c: float = 2.5
     lambda_gp: float = 150.0
+    # 1 = WGAN-GP's unit-gradient penalty (RelGAN, the authors); 0 = zero-centred. At 32 px a unit
+    # gradient over the ~30-unit pixel distance between an image and its translation forces D's
+    # outputs far apart, which the LSGAN targets 0 / 1 cannot follow (docs/RESULTS.md)
+    gp_center: float = 1.0
     lambda_o: float = 1e-6
     lambda_rec: float = 0.0  # RelGAN's reconstruction |G(x, 0) - x|_1 (not in TRIP's losses; 0 = off)
     target: Literal["regression", "classification"] = "regression"  # Eq. 4 / Eq. 3
@@ -72,7 +76,7 @@ class TripConfig:
     oracle: str = ""  # an attr_oracle run (or export) directory; '' = no oracle metrics
     eval_images: int = 64
     aas_threshold: float = 0.5  # an attribute is "present" at oracle value >= this
-    inception_weights: str = ""  # local torchvision Inception-v3 state_dict: adds the standard `fid`
+    inception_weights: str = ""  # local FID Inception weights (torch-fidelity pt_inception): adds the standard `fid`
     figure_images: int = 6
 
 
@@ -187,7 +191,7 @@ def step(model: nn.Module, batch: dict[str, Any], cfg: TripConfig, info: StepInf
         r_fake = m.ranker.rank_from_features(fx, ff)
         r_rank = trip_ranker_loss(r_real, r, r_fake, cfg.lam, known)
         d_gan = lsgan_discriminator_loss(m.ranker.gan_from_features(fx), m.ranker.gan_from_features(ff))
-    gp = gradient_penalty(m.ranker.gan, x.float(), fd.float()) if cfg.lambda_gp > 0 else d_gan * 0.0
+    gp = gradient_penalty(m.ranker.gan, x.float(), fd.float(), center=cfg.gp_center) if cfg.lambda_gp > 0 else d_gan * 0.0
     r_loss = w_rank * r_rank + cfg.lambda_g * d_gan + cfg.lambda_gp * gp
     with torch.no_grad():
         ordered = known & (r != 0)
@@ -220,4 +224,5 @@ METHOD = Method(
     val_metric="spearman_v",
     describe="fine-grained image translation against a ranker with rival preferences (TRIP, ICLR 2021 submission)",
     figures=lazy_figures("models.trip_figures"),
+    path_fields=("oracle", "inception_weights"),
 )

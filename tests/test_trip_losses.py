@@ -46,6 +46,8 @@ def test_gradient_penalty_of_a_known_critic() -> None:
     assert gp.item() == pytest.approx(want, rel=1e-5)
     gp.backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+    zero = gradient_penalty(lambda z: (w * z * z).sum((1, 2)) / 2, a, b, t, center=0.0)
+    assert zero.item() == pytest.approx(sum(float((w.detach() * z[i]).norm()) ** 2 for i in range(2)) / 2, rel=1e-5)
 
 
 def test_orthogonal_regulariser_ignores_norms_and_sees_correlation() -> None:
