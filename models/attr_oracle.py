@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import ImageNorm, feature_net
-from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, eval_mode
+from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, eval_mode, scalar_attributes, unwrap
 from shards.format import DatasetMeta, ShardError
 
 
@@ -60,24 +60,11 @@ class AttrOracle(nn.Module):
 
 
 def _unwrap(model: nn.Module) -> AttrOracle:
-    while not isinstance(model, AttrOracle) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, AttrOracle):
-        raise TypeError(f"expected an AttrOracle, got {type(model).__name__}")
-    return model
+    return unwrap(model, AttrOracle)
 
 
 def build(cfg: AttrOracleConfig, meta: DatasetMeta) -> AttrOracle:
-    usable = [a.name for a in meta.attributes if a.kind in ("continuous", "binary")]
-    for name in cfg.attributes:
-        if name not in usable:
-            raise ShardError(f"model.attributes: {name!r} is not a continuous or binary attribute of dataset "
-                             f"{meta.name!r}; choose from {usable}")
-    names = tuple(cfg.attributes) or tuple(usable)
-    if not names:
-        raise ShardError(f"dataset {meta.name!r} has no continuous or binary attribute for attr_oracle")
-    return AttrOracle(cfg, names, tuple(meta.attribute(n).kind for n in names),
-                      [meta.attribute_names.index(n) for n in names])
+    return AttrOracle(cfg, *scalar_attributes(meta, tuple(cfg.attributes)))
 
 
 def optim_groups(model: nn.Module, cfg: AttrOracleConfig) -> dict[str, list[ParamGroup]]:

@@ -10,7 +10,7 @@ import contextlib
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -97,6 +97,34 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def unwrap(model: nn.Module, cls: type[M]) -> M:
+    """The `cls` module inside DDP / DeepSpeed wrappers (or the model itself)."""
+    while not isinstance(model, cls) and hasattr(model, "module"):
+        model = model.module
+    if not isinstance(model, cls):
+        raise TypeError(f"expected a {cls.__name__}, got {type(model).__name__}")
+    return model
+
+
+def scalar_attributes(meta: DatasetMeta, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], list[int]]:
+    """(names, kinds, meta columns) of the named continuous / binary attributes, or of all of them
+    when `names` is empty; an unknown or categorical name is one error naming the choices."""
+    from shards.format import ShardError
+
+    usable = [a.name for a in meta.attributes if a.kind in ("continuous", "binary")]
+    for name in names:
+        if name not in usable:
+            raise ShardError(f"model.attributes: {name!r} is not a continuous or binary attribute of dataset "
+                             f"{meta.name!r}; choose from {usable}")
+    chosen = tuple(names) or tuple(usable)
+    if not chosen:
+        raise ShardError(f"dataset {meta.name!r} has no continuous or binary attribute")
+    return chosen, tuple(meta.attribute(n).kind for n in chosen), [meta.attribute_names.index(n) for n in chosen]
 
 
 def lazy_figures(module: str) -> Callable[..., list[tuple[str, str]]]:

@@ -38,7 +38,7 @@ from torch import nn
 
 from models.losses import (cycle_l1, gradient_penalty, lsgan_discriminator_loss, lsgan_generator_loss,
                            orthogonal_regulariser, trip_generator_rank_loss, trip_ranker_loss)
-from models.registry import Method, ParamGroup, StepInfo, frozen, lazy_figures
+from models.registry import Method, ParamGroup, StepInfo, frozen, lazy_figures, scalar_attributes, unwrap
 from models.trip_nets import Generator, Ranker
 from shards.format import DatasetMeta, ShardError
 
@@ -106,27 +106,18 @@ class Trip(nn.Module):
 
 
 def _unwrap(model: nn.Module) -> Trip:
-    while not isinstance(model, Trip) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, Trip):
-        raise TypeError(f"expected a Trip model, got {type(model).__name__}")
-    return model
+    return unwrap(model, Trip)
 
 
 def build(cfg: TripConfig, meta: DatasetMeta) -> Trip:
-    usable = [a.name for a in meta.attributes if a.kind in ("continuous", "binary")]
     if not cfg.attributes:
-        raise ShardError(f"model.attributes is empty; name the attributes v controls, from {usable}")
-    for name in cfg.attributes:
-        if name not in usable:
-            raise ShardError(f"model.attributes: {name!r} is not a continuous or binary attribute of dataset "
-                             f"{meta.name!r}; choose from {usable}")
+        raise ShardError("model.attributes is empty; name the attributes v controls (continuous or binary)")
+    names, kinds, cols = scalar_attributes(meta, tuple(cfg.attributes))
     if cfg.image_size % (2 ** cfg.g_down):
         raise ShardError(f"model.image_size {cfg.image_size} must be divisible by 2^model.g_down = {2 ** cfg.g_down}")
     if cfg.image_size % (2 ** cfg.r_feat):
         raise ShardError(f"model.image_size {cfg.image_size} must be divisible by 2^model.r_feat = {2 ** cfg.r_feat}")
-    return Trip(cfg, tuple(cfg.attributes), tuple(meta.attribute(n).kind for n in cfg.attributes),
-                [meta.attribute_names.index(n) for n in cfg.attributes])
+    return Trip(cfg, names, kinds, cols)
 
 
 def optim_groups(model: nn.Module, cfg: TripConfig) -> dict[str, list[ParamGroup]]:

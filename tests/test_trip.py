@@ -243,3 +243,17 @@ def test_ray_train_runs_both_phases_and_reports_the_translation_metrics(ray_sess
                 "aas/hair_dark", "spearman_v/beard"):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert 0.0 <= metrics["aas"] <= 1.0 and metrics["fid_oracle"] >= 0.0
+
+
+def test_bad_attribute_and_missing_oracle_are_one_clear_error(tiny_attrworld: Path, tmp_path: Path) -> None:
+    from models.trip import build
+    from models.trip_eval import load_oracle
+    from shards.format import ShardError, read_meta
+
+    meta = read_meta(tiny_attrworld)
+    with pytest.raises(ShardError, match="'hair_style' is not a continuous or binary attribute"):
+        build(TripConfig(attributes=("hair_style",)), meta)
+    with pytest.raises(ShardError, match="image_size 36 must be divisible"):
+        build(TripConfig(image_size=36), meta)
+    with pytest.raises(ShardError, match=r"model.oracle .*not found; train one with `attrlab train attr_oracle"):
+        load_oracle(str(tmp_path / "no_such_run"))
