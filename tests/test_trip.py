@@ -257,3 +257,23 @@ def test_bad_attribute_and_missing_oracle_are_one_clear_error(tiny_attrworld: Pa
         build(TripConfig(image_size=36), meta)
     with pytest.raises(ShardError, match=r"model.oracle .*not found; train one with `attrlab train attr_oracle"):
         load_oracle(str(tmp_path / "no_such_run"))
+
+
+def test_report_draws_strips_grid_and_ranker_curve(tiny_attrworld: Path, tiny_oracle: Path, tmp_path: Path) -> None:
+    from jobs.cli_train import resolve_config_class
+    from jobs.config import build as build_cfg
+    from jobs.train import EvalData
+    from models import registry
+    from shards.format import read_meta
+
+    method = registry.get("trip")
+    cfg = build_cfg(resolve_config_class("trip"), {
+        "data": {"augment": {"resize": 32, "size": 32}, "loader": {"num_workers": 0, "batch_size": 8}},
+        "model": {"attributes": ["hair_dark", "beard"], "g_base": 8, "g_res": 1, "r_base": 8, "figure_images": 2,
+                  "oracle": str(tiny_oracle)}})
+    meta = read_meta(tiny_attrworld)
+    model = method.build(cfg.model, meta)
+    made = method.figures(model, EvalData(cfg, str(tiny_attrworld), "test"), cfg.model, meta, tmp_path, tmp_path)
+    names = [name for _, name in made]
+    assert names == ["trip_strips.png", "trip_grid.png", "trip_ranker_v.png"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)
