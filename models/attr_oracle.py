@@ -12,7 +12,6 @@ is reported because it is not Inception's FID.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import ImageNorm, feature_net
-from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, eval_mode, scalar_attributes, unwrap
+from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, autocast, eval_mode, scalar_attributes, unwrap
 from shards.format import DatasetMeta, ShardError
 
 
@@ -87,8 +86,7 @@ def step(model: nn.Module, batch: dict[str, Any], cfg: AttrOracleConfig, info: S
     m, dev = _unwrap(model), info.device
     images = batch["image"].to(dev, non_blocking=True)
     target = batch["attributes"].to(dev)[:, m.cols]
-    amp = contextlib.nullcontext() if info.autocast_dtype is None else torch.autocast(dev.type, dtype=info.autocast_dtype)
-    with amp:
+    with autocast(info):
         out = model(images)
     loss = oracle_loss(out["logits"], target, m.binary)
     info.logs["train/oracle_loss"] = float(loss.detach())

@@ -31,7 +31,6 @@ MAE / MRR for ordinal attributes (Table 1c).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +42,7 @@ from torch import nn
 
 from models.backbones import ImageNorm, feature_net
 from models.losses import batch_all_triplet_loss, mean_rows, order_regulariser, proxy_softmax_loss
-from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, eval_mode, lazy_figures
+from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, autocast, eval_mode, lazy_figures, unwrap
 from shards.augment import stable_id
 from shards.format import DatasetMeta, ShardError
 
@@ -209,11 +208,7 @@ class CoopEmbed(nn.Module):
 
 
 def _unwrap(model: nn.Module) -> CoopEmbed:
-    while not isinstance(model, CoopEmbed) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, CoopEmbed):
-        raise TypeError(f"expected a CoopEmbed, got {type(model).__name__}")
-    return model
+    return unwrap(model, CoopEmbed)
 
 
 def prepare_meta(meta: DatasetMeta, root: Path, split: str) -> DatasetMeta:
@@ -262,8 +257,7 @@ def _instance_rows(m: CoopEmbed, instances: list[str], device: torch.device) -> 
 
 def step(model: nn.Module, batch: dict[str, Any], cfg: CoopEmbedConfig, info: StepInfo) -> dict[str, torch.Tensor]:
     m, dev = _unwrap(model), info.device
-    amp = contextlib.nullcontext() if info.autocast_dtype is None else torch.autocast(dev.type, dtype=info.autocast_dtype)
-    with amp:
+    with autocast(info):
         emb = model(batch["image"].to(dev, non_blocking=True)).float()
     codes = attribute_codes(batch["attributes"].to(dev), m.infos)
     codes = corrupt_codes(codes, list(batch["instance"]), m.infos, cfg.corrupt_mode, cfg.corrupt_level, cfg.corrupt_seed)

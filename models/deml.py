@@ -26,7 +26,6 @@ similarity between the CA learners of a scale (Table 4).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -39,7 +38,7 @@ from models.backbones import ImageNorm, split_net
 from models.deml_attention import Adversary, ChannelAttention, attention_map, crop_and_zoom, crop_boxes
 from models.losses import (activation_decay, binomial_deviance_loss, grad_reverse, learner_contrastive_hinge,
                            nontrivial_term, pairwise_discrepancy)
-from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, eval_mode, lazy_figures
+from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, autocast, eval_mode, lazy_figures, unwrap
 from shards.format import DatasetMeta, ShardError
 
 
@@ -175,11 +174,7 @@ class Deml(nn.Module):
 
 
 def _unwrap(model: nn.Module) -> Deml:
-    while not isinstance(model, Deml) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, Deml):
-        raise TypeError(f"expected a Deml, got {type(model).__name__}")
-    return model
+    return unwrap(model, Deml)
 
 
 def label_field(cfg: DemlConfig, meta: DatasetMeta) -> str:
@@ -247,8 +242,7 @@ def deml_loss(m: Deml, outs: list[ScaleOut], labels: torch.Tensor, cfg: DemlConf
 
 def step(model: nn.Module, batch: dict[str, Any], cfg: DemlConfig, info: StepInfo) -> dict[str, torch.Tensor]:
     m, dev = _unwrap(model), info.device
-    amp = contextlib.nullcontext() if info.autocast_dtype is None else torch.autocast(dev.type, dtype=info.autocast_dtype)
-    with amp:
+    with autocast(info):
         outs = model(batch["image"].to(dev, non_blocking=True), train=True)
     terms: dict[str, torch.Tensor] = {}
     loss = deml_loss(m, outs, batch_labels(batch, m.label_field, dev), cfg, terms)

@@ -73,6 +73,13 @@ class Method:
     path_fields: tuple[str, ...] = ()
 
 
+def autocast(info: StepInfo) -> contextlib.AbstractContextManager:
+    """torch.autocast at the step's dtype (bf16 where supported), or nothing."""
+    if info.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(info.device.type, dtype=info.autocast_dtype)
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """The module in eval mode for the block; its previous mode restored after."""

@@ -39,17 +39,16 @@ paper, 7/8 here) and their flips; 1 = the centre crop.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from models.backbones import ImageNorm, backbone_state, fc7_net, pool5_net
 from models.losses import boundary_grad, boundary_loss, outside_mask, ranknet_loss, st_loss
-from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, lazy_figures
+from models.registry import LoaderFactory, Method, ParamGroup, StepInfo, autocast, eval_mode, lazy_figures, unwrap
 from models.stn import LOCALISER_DIMS, Localiser, crop_box, make_theta, warp
 from shards.format import DatasetMeta, ShardError
 
@@ -163,22 +162,7 @@ class StnRanker(nn.Module):
 
 
 def _unwrap(model: nn.Module) -> StnRanker:
-    """The StnRanker inside a DDP / DeepSpeed wrapper (or the model itself)."""
-    while not isinstance(model, StnRanker) and hasattr(model, "module"):
-        model = model.module
-    if not isinstance(model, StnRanker):
-        raise TypeError(f"expected a StnRanker, got {type(model).__name__}")
-    return model
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
+    return unwrap(model, StnRanker)
 
 
 def build(cfg: StnRankerConfig, meta: DatasetMeta) -> StnRanker:
@@ -228,8 +212,7 @@ def step(model: nn.Module, batch: dict[str, Any], cfg: StnRankerConfig, info: St
     stage1 = cfg.mode == "combined" and info.step < cfg.stage1_steps
     has_stn = m.localiser is not None
     grad_rule = has_stn and cfg.boundary == "gradient"
-    amp = contextlib.nullcontext() if info.autocast_dtype is None else torch.autocast(dev.type, dtype=info.autocast_dtype)
-    with amp:
+    with autocast(info):
         out = model(torch.cat([ia, ib]), cols.repeat(2), stage1=stage1, boundary_weight=1.0 / n if grad_rule else None)
     v = out["score"][:, 0].float()
     v1, v2 = v[:n], v[n:]
@@ -285,7 +268,7 @@ def locate(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     b, k = images.shape[0], len(m.attributes)
     if m.localiser is None:
         return torch.tensor([0.0, 0.0, 1.0, 1.0], device=dev).expand(b, k, 4).clone()
-    with _eval_mode(m):
+    with eval_mode(m):
         x = m.norm(images.to(dev))
         s, tx, ty = m.localiser(x.to(next(m.localiser.parameters()).dtype))
     return crop_box(make_theta(s, tx, ty))
@@ -297,7 +280,7 @@ def predict(model: nn.Module, images: torch.Tensor, tta: int | None = None) -> d
     un-augmented full images. `images`: uint8 [B, 3, H, W], full (resized, uncropped) images."""
     m = _unwrap(model)
     images = images.to(m.lut.device)
-    with _eval_mode(m):
+    with eval_mode(m):
         views = tta_views(images, m.cfg.tta_crop_frac, m.cfg.tta_crops if tta is None else tta)
         score = torch.stack([m(v.contiguous())["score"] for v in views]).mean(0)
     return {"score": score, "box": locate(m, images)}

@@ -29,7 +29,6 @@ Evaluation and figures: models/trip_eval.py, models/trip_figures.py.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,7 +37,7 @@ from torch import nn
 
 from models.losses import (cycle_l1, gradient_penalty, lsgan_discriminator_loss, lsgan_generator_loss,
                            orthogonal_regulariser, trip_generator_rank_loss, trip_ranker_loss)
-from models.registry import Method, ParamGroup, StepInfo, frozen, lazy_figures, scalar_attributes, unwrap
+from models.registry import Method, ParamGroup, StepInfo, autocast, frozen, lazy_figures, scalar_attributes, unwrap
 from models.trip_nets import Generator, Ranker
 from shards.format import DatasetMeta, ShardError
 
@@ -160,8 +159,7 @@ def step(model: nn.Module, batch: dict[str, Any], cfg: TripConfig, info: StepInf
     v = torch.rand(b, k, device=dev) * 2 - 1
     w_rank = 0.0 if info.step < cfg.pretrain_steps else cfg.lambda_rank
     gen_target = v if cfg.target == "regression" else v.sign()
-    amp = contextlib.nullcontext() if info.autocast_dtype is None else torch.autocast(dev.type, dtype=info.autocast_dtype)
-    with amp:
+    with autocast(info):
         fake = m.generator(x, v)
         with frozen(m.ranker):  # generator phase: gradients reach G only
             f = m.ranker.features(torch.cat([x, fake]))

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from models import gen_metrics
+from models.attr_oracle import predict as oracle_predict
 from models.registry import LoaderFactory, eval_mode
-from models.trip import Trip, TripConfig, _unwrap
+from models.trip import Trip, TripConfig, _unwrap, relative_targets
 from shards.format import DatasetMeta, ShardError
 
 PATH_V = np.round(np.linspace(-1.0, 1.0, 11), 1)  # -1, -0.8, ..., 1 (the paper's strips)
@@ -129,7 +130,6 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: TripConfig, meta: Da
         if missing:
             raise ShardError(f"model.oracle {cfg.oracle}: does not predict {missing} (it has {list(oracle.attributes)})")
         o_cols = [oracle.attributes.index(a) for a in m.attributes]
-        from models.attr_oracle import predict as oracle_predict
         real = oracle_predict(oracle, images)
     per: dict[str, list[float]] = {}
     swapped_all = []
@@ -162,8 +162,6 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: TripConfig, meta: Da
                 per.setdefault(f"{key}/{name}", []).append(val)
     out = {key: float(np.mean(vals)) for key, vals in per.items()}
     with eval_mode(m):  # the ranker on the split's real pairs (each image against the next)
-        from models.trip import relative_targets
-
         vals = data["attributes"][:, m.cols.cpu()].to(m.cols.device)
         r, known = relative_targets(vals, vals.roll(1, 0), m.binary, cfg.tau, cfg.tau_sim)
         x = m.to_unit(images.to(m.cols.device))
