@@ -115,7 +115,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     sets.append(f"data.path={a.data.resolve()}")
     cfg = load_run_config(a.method, a.config, sets)
     cfg = absolute_paths(cfg, registry.get(a.method).path_fields)
-    read_meta(a.data)
+    check_build(registry.get(a.method), cfg, a.data)
     prepare_run_dir(a.out, a.method, cfg, a.data)
     from jobs.train import TrainJob
 
@@ -123,6 +123,19 @@ def cmd_train(a: argparse.Namespace) -> int:
     metrics = run_local(job) if a.local else run_ray(job, cfg)
     print(json.dumps({"run_dir": str(a.out), **{k: round(v, 4) for k, v in metrics.items()}}))
     return 0
+
+
+def check_build(method: Any, cfg: Any, data: Path) -> None:
+    """Build the model on the meta device (no memory, no weights copied) before any worker
+    starts, so a config the method rejects (an unknown attribute, a size it cannot take) is one
+    line here instead of a traceback from every Ray worker after start-up."""
+    import torch
+
+    meta = read_meta(data)
+    if method.prepare_meta is not None:
+        meta = method.prepare_meta(meta, data, cfg.data.train_split)
+    with torch.device("meta"):
+        method.build(cfg.model, meta)
 
 
 def absolute_paths(cfg: Any, fields: tuple[str, ...]) -> Any:

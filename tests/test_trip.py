@@ -259,6 +259,17 @@ def test_bad_attribute_and_missing_oracle_are_one_clear_error(tiny_attrworld: Pa
         load_oracle(str(tmp_path / "no_such_run"))
 
 
+def test_a_config_the_method_rejects_is_one_line_before_any_worker_starts(tiny_attrworld: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs.cli import main
+
+    assert main(["train", "trip", "--data", str(tiny_attrworld), "--out", str(tmp_path / "run"),
+                 "--set", "model.attributes=[hair_style]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'hair_style' is not a continuous or binary attribute" in err[0]
+    assert not (tmp_path / "run").exists(), "nothing is written for a rejected config"
+
+
 def test_report_draws_strips_grid_and_ranker_curve(tiny_attrworld: Path, tiny_oracle: Path, tmp_path: Path) -> None:
     from jobs.cli_train import resolve_config_class
     from jobs.config import build as build_cfg
