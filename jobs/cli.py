@@ -10,7 +10,7 @@ from shards.format import ShardError
 
 def build_parser() -> argparse.ArgumentParser:
     from cluster import submit as submit_cli
-    from jobs import cli_train, index, quickstart, report
+    from jobs import cli_train, index, latent, quickstart, report
     from shards import cli as shards_cli
 
     p = argparse.ArgumentParser(prog="attrlab", description="visual-attribute models on a Ray cluster")
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_train.add_parsers(sub)
     report.add_parser(sub)
     index.add_parser(sub)
+    latent.add_parser(sub)
     quickstart.add_parser(sub)
     submit_cli.add_parsers(sub)
     return p

@@ -32,7 +32,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", type=Path, default=None, help="shards (default: the run's)")
     p.add_argument("--split", default=None, help="split to index (default: the model's gallery_split, "
                                                   "else data.test_split)")
-    p.add_argument("--kind", default="flat", help="flat (exact), ivf, hnsw or torch")
+    p.add_argument("--kind", default="flat", help="flat (exact), ivf, hnsw or torch; preference = latent_retrieval's "
+                                                  "exact preference-weighted index")
     p.add_argument("--metric", default="l2", help="l2 (squared Euclidean) or ip (inner product)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="index parameter (ivf: nlist, nprobe; hnsw: M, efSearch, efConstruction)")
@@ -61,6 +62,11 @@ def parse_params(items: list[str]) -> dict[str, int]:
 def check_index_args(kind: str, metric: str, params: dict[str, int]) -> None:
     """Fail before any embedding work on a kind / metric / parameter build_index would refuse."""
     from models.knn import build_index
+
+    if kind == "preference":  # latent_retrieval's exact preference-weighted index (jobs/latent.py)
+        if params:
+            raise ShardError(f"--param: --kind preference takes no parameters, got {sorted(params)}")
+        return
 
     try:
         build_index(kind, 1, metric, **params)
@@ -142,6 +148,11 @@ def build_run_index(run_dir: Path, data: Path | None = None, split: str | None =
     check_out(out)
 
     arrays = embed_split(method, model, cfg, data, split, workers=workers, batch_size=batch_size, meta=meta)
+    if kind == "preference":
+        from jobs.latent import build_preference_index
+
+        return {**build_preference_index(method, model, arrays["emb"], [str(k) for k in arrays["key"]], out),
+                "split": split, "seconds": round(time.perf_counter() - t0, 2)}
     emb, norm = normalise(model, arrays["emb"])
     emb = np.ascontiguousarray(emb, dtype=np.float32)
     index = build_index(kind, emb.shape[1], metric, **params)

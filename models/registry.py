@@ -168,6 +168,12 @@ def _trip() -> Method:
     return trip.METHOD
 
 
+def _latent_retrieval() -> Method:
+    from models import latent_retrieval
+
+    return latent_retrieval.METHOD
+
+
 def _attr_oracle() -> Method:
     from models import attr_oracle
 
@@ -179,6 +185,7 @@ REGISTRY: dict[str, Callable[[], Method]] = {
     "stn_ranker": _stn_ranker,
     "coop_embed": _coop_embed,
     "deml": _deml,
+    "latent_retrieval": _latent_retrieval,
     "trip": _trip,
     # not one of the five methods: the attribute regressor trip (and later latent_retrieval) is
     # judged by, trained on real images through the same spine
