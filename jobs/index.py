@@ -99,9 +99,18 @@ def check_out(out: Path) -> None:
     """An existing --out is replaced only when it is an index directory (never, say, a run directory)."""
     from models.knn import INDEX_FILES, KEYS_FILE, META_FILE
 
-    if out.exists() and (not out.is_dir() or not {p.name for p in out.iterdir()} <= {
-            *INDEX_FILES.values(), KEYS_FILE, META_FILE}):
+    if out.exists() and (not out.is_dir() or not ({p.name for p in out.iterdir()} <= {
+            *INDEX_FILES.values(), KEYS_FILE, META_FILE} or _is_preference_index(out))):
         raise ShardError(f"--out {out}: exists and is not an index directory; choose a new one")
+
+
+def _is_preference_index(out: Path) -> bool:
+    from models.latent_index import FORMAT_VERSION
+
+    try:
+        return json.loads((out / "meta.json").read_text()).get("format") == FORMAT_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

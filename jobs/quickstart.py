@@ -3,12 +3,14 @@
 1. build the attrworld and cluttered_digits shards, and attrworld's 32 px translation build
    (TRANSLATION_OPTIONS: larger, cleaner faces), and validate them;
 2. start a local Ray cluster and train stn_ranker, coop_embed (attrworld), deml
-   (cluttered_digits), then the attribute oracle and trip (translation build) with 2 workers
-   each (DeepSpeed over gloo) on a short budget;
+   (cluttered_digits), then the attribute oracle and trip (translation build), then an identity
+   model (coop_embed on the 32 px build) and latent_retrieval with 2 workers each (DeepSpeed over
+   gloo) on a short budget;
 3. evaluate each (stn_ranker: ranking accuracy on the test split; coop_embed: retrieval of unseen
    identities, query -> gallery; deml: zero-shot Recall@K on the unseen digits 5-9; trip: the
-   translation metrics judged by the oracle), build coop_embed's faiss gallery index, write the
-   reports and print the metrics with the report paths.
+   translation metrics judged by the oracle; latent_retrieval: nDCG and identity similarity of
+   adjusted queries), build coop_embed's faiss gallery index and latent_retrieval's exact
+   preference index, write the reports and print the metrics with the report paths.
 Re-running resumes: verified shards are skipped and a finished run is only re-evaluated.
 """
 from __future__ import annotations
@@ -29,6 +31,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--deml-steps", type=int, default=300, help="deml training steps")
     p.add_argument("--oracle-steps", type=int, default=400, help="attr_oracle training steps")
     p.add_argument("--trip-steps", type=int, default=300, help="trip training steps")
+    p.add_argument("--identity-steps", type=int, default=300, help="identity model (coop_embed, 32 px) steps")
+    p.add_argument("--latent-steps", type=int, default=400, help="latent_retrieval training steps")
     p.set_defaults(func=cmd_demo)
 
 
@@ -61,8 +65,8 @@ def build_shards(out: Path, workers: int) -> bool:
     return ok
 
 
-def _train_args(method: str, data: Path, run: Path, workers: int, steps: int) -> list[str]:
-    sets = [f"checkpoint.every_steps={max(1, steps // 2)}", f"eval.every_steps={max(1, steps // 2)}",
+def _train_args(method: str, data: Path, run: Path, workers: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    sets = [*extra, f"checkpoint.every_steps={max(1, steps // 2)}", f"eval.every_steps={max(1, steps // 2)}",
             "schedule.log_every=25", "scaling.cpus_per_worker=1", "data.loader.num_workers=0"]
     if method == "stn_ranker":
         sets.append(f"model.stage1_steps={steps // 3}")
@@ -87,21 +91,29 @@ def cmd_demo(a: argparse.Namespace) -> int:
             "coop_embed": (a.out / "runs" / "coop_embed", a.coop_steps, data),
             "deml": (a.out / "runs" / "deml", a.deml_steps, digits),
             "attr_oracle": (a.out / "runs" / "attr_oracle", a.oracle_steps, faces),  # trip's judge: before trip
-            "trip": (a.out / "runs" / "trip", a.trip_steps, faces)}
+            "trip": (a.out / "runs" / "trip", a.trip_steps, faces),
+            # latent_retrieval's identity features: coop_embed's instance embedding on the same faces
+            "identity": (a.out / "runs" / "identity", a.identity_steps, faces),
+            "latent_retrieval": (a.out / "runs" / "latent_retrieval", a.latent_steps, faces)}
+    extra = {"identity": ("data.augment.resize=32", "data.augment.size=28"),
+             "latent_retrieval": (f"model.identity_run={runs['identity'][0].resolve()}",)}
     ray.init(num_cpus=max(2, a.workers), include_dashboard=False, log_to_driver=False)
     try:
-        for method, (run, steps, shards) in runs.items():
-            print(f"\n[{method}] training {steps} steps with {a.workers} Ray Train workers (DeepSpeed, gloo) ...")
-            if attrlab(_train_args(method, shards, run, a.workers, steps)) != 0:
+        for name, (run, steps, shards) in runs.items():
+            method = "coop_embed" if name == "identity" else name
+            print(f"\n[{name}] training {method} {steps} steps with {a.workers} Ray Train workers (DeepSpeed, gloo) ...")
+            if attrlab(_train_args(method, shards, run, a.workers, steps, extra.get(name, ()))) != 0:
                 return 1
     finally:
         ray.shutdown()
     coop = runs["coop_embed"][0]
     deml = runs["deml"][0]
     trip = runs["trip"][0]
+    latent = runs["latent_retrieval"][0]
     for cmd in (["eval", str(runs["stn_ranker"][0])], ["report", str(runs["stn_ranker"][0])], ["eval", str(coop)],
                 ["index", str(coop), "--data", str(data)], ["report", str(coop)], ["eval", str(deml)],
-                ["report", str(deml)], ["eval", str(runs["attr_oracle"][0])], ["eval", str(trip)], ["report", str(trip)]):
+                ["report", str(deml)], ["eval", str(runs["attr_oracle"][0])], ["eval", str(trip)], ["report", str(trip)],
+                ["eval", str(latent)], ["index", str(latent), "--kind", "preference"], ["report", str(latent)]):
         if attrlab(cmd) != 0:
             return 1
     rows = [("stn_ranker", k) for k in ("rank_acc", "stn_hit")]
@@ -109,12 +121,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     rows += [("deml", k) for k in ("r@1", "r@8", "sim")]
     rows += [("attr_oracle", "oracle_score")]
     rows += [("trip", k) for k in ("spearman_v", "aas", "ssim_std", "nontarget_change", "fid_oracle")]
-    print(f"\n{'method':12s}{'metric':16s}{'value':>7s}   report")
+    rows += [("latent_retrieval", k) for k in ("ndcg@5", "ndcg@20", "identity_sim", "ifg/ndcg@5", "ifg/identity_sim",
+                                               "l2/ndcg@5", "ortho_err")]
+    print(f"\n{'method':18s}{'metric':18s}{'value':>9s}   report")
     for method, key in rows:
         run = runs[method][0]
         m = json.loads((run / "metrics.json").read_text())
         if key in m:
             report = run / "report" / "index.html"
-            print(f"{method:12s}{key:16s}{m[key]:7.3f}   {report.resolve() if report.is_file() else ''}")
+            print(f"{method:18s}{key:18s}{m[key]:9.3g}   {report.resolve() if report.is_file() else ''}")
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s; shards under {(a.out / 'shards').resolve()}")
     return 0
