@@ -344,6 +344,7 @@ class PreferenceIndex:
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the renamed index (serving may run as another user)
         try:
             np.save(tmp / "W.npy", np.asarray(self._W), allow_pickle=False)
             np.save(tmp / "F.npy", self._F, allow_pickle=False)
