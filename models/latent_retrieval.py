@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.backbones import to_uint8, to_unit
 from models.latent_ae import StyleAutoencoder, reconstruction_loss
-from models.registry import Method, ParamGroup, StepInfo, autocast, lazy_figures, unwrap
+from models.registry import Method, ParamGroup, StepInfo, autocast, eval_mode, lazy_figures, scalar_attributes, unwrap
 from shards.format import DatasetMeta, ShardError
 
 
@@ -83,13 +84,8 @@ class LatentRetrieval(nn.Module):
         self.register_buffer("lam", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    @staticmethod
-    def to_unit(images: torch.Tensor) -> torch.Tensor:
-        return images.float() / 127.5 - 1.0
-
-    @staticmethod
-    def to_uint8(x: torch.Tensor) -> torch.Tensor:
-        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    to_unit = staticmethod(to_unit)
+    to_uint8 = staticmethod(to_uint8)
 
     def labels(self, attributes: torch.Tensor) -> torch.Tensor:
         """dataset attribute rows [B, A] -> binary labels [B, M] (NaN = missing)."""
@@ -112,19 +108,6 @@ def _unwrap(model: nn.Module) -> LatentRetrieval:
     return unwrap(model, LatentRetrieval)
 
 
-def attribute_columns(meta: DatasetMeta, names: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...], list[int]]:
-    """(names, kinds, columns) of the binary / continuous attributes used as the paper's M labels."""
-    usable = [a.name for a in meta.attributes if a.kind in ("binary", "continuous")]
-    for n in names:
-        if n not in usable:
-            raise ShardError(f"model.attributes: {n!r} is not a binary or continuous attribute of dataset "
-                             f"{meta.name!r}; choose from {usable}")
-    chosen = tuple(names) or tuple(usable)
-    if len(chosen) < 1:
-        raise ShardError(f"dataset {meta.name!r} has no binary or continuous attribute for latent_retrieval")
-    return chosen, tuple(meta.attribute(n).kind for n in chosen), [meta.attribute_names.index(n) for n in chosen]
-
-
 def build(cfg: LatentRetrievalConfig, meta: DatasetMeta) -> LatentRetrieval:
     if cfg.image_size < 8 or cfg.image_size & (cfg.image_size - 1):
         raise ShardError(f"model.image_size {cfg.image_size}: must be a power of two >= 8 (= data.augment.size)")
@@ -134,7 +117,7 @@ def build(cfg: LatentRetrievalConfig, meta: DatasetMeta) -> LatentRetrieval:
         raise ShardError("model.lam / model.lams must be >= 0 and model.ifg_extreme in (0, 0.5]")
     if any(p < 0 for p in cfg.preferences) or 1.0 not in cfg.preferences:
         raise ShardError("model.preferences: values must be >= 0 and include 1.0 (the no-preference setting)")
-    m = LatentRetrieval(cfg, *attribute_columns(meta, tuple(cfg.attributes)))
+    m = LatentRetrieval(cfg, *scalar_attributes(meta, tuple(cfg.attributes)))
     if len(m.attributes) > m.ae.latent_dim:
         raise ShardError(f"{len(m.attributes)} attributes > latent dimension {m.ae.latent_dim}; raise model.code_dim")
     return m
@@ -162,13 +145,8 @@ def step(model: nn.Module, batch: dict[str, Any], cfg: LatentRetrievalConfig, in
 
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> W+ latents (the gallery vectors `attrlab index` and serving search)."""
-    m = _unwrap(model)
-    was = m.training
-    m.eval()
-    try:
+    with eval_mode(_unwrap(model)) as m:
         return m.encode_images(images)
-    finally:
-        m.train(was)
 
 
 def evaluate(model: nn.Module, loaders: Any, cfg: LatentRetrievalConfig, meta: DatasetMeta) -> dict[str, float]:

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from models.backbones import to_uint8, to_unit
 from models.losses import (cycle_l1, gradient_penalty, lsgan_discriminator_loss, lsgan_generator_loss,
                            orthogonal_regulariser, trip_generator_rank_loss, trip_ranker_loss)
 from models.registry import Method, ParamGroup, StepInfo, autocast, frozen, lazy_figures, scalar_attributes, unwrap
@@ -89,14 +90,8 @@ class Trip(nn.Module):
         self.generator = Generator(k, cfg.g_base, cfg.g_down, cfg.g_res, cfg.norm)
         self.ranker = Ranker(k, cfg.image_size, cfg.r_base, cfg.r_feat)
 
-    @staticmethod
-    def to_unit(images: torch.Tensor) -> torch.Tensor:
-        """uint8 [0, 255] -> float [-1, 1] (the generator's tanh range)."""
-        return images.float() / 127.5 - 1.0
-
-    @staticmethod
-    def to_uint8(x: torch.Tensor) -> torch.Tensor:
-        return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    to_unit = staticmethod(to_unit)
+    to_uint8 = staticmethod(to_uint8)
 
     def translate(self, images: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, H, W] and v [B, K] -> translated uint8 images."""

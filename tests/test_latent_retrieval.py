@@ -60,7 +60,7 @@ def test_bad_config_is_one_clear_error(tiny_attrworld: Path) -> None:
     from shards.format import ShardError, read_meta
 
     meta = read_meta(tiny_attrworld)
-    with pytest.raises(ShardError, match="'hair_style' is not a binary or continuous attribute"):
+    with pytest.raises(ShardError, match="'hair_style' is not a continuous or binary attribute"):
         build(LatentRetrievalConfig(attributes=("hair_style",)), meta)
     with pytest.raises(ShardError, match="must be a power of two"):
         build(LatentRetrievalConfig(image_size=48), meta)
