@@ -1,5 +1,7 @@
-"""`attrlab latent fit`: latent_retrieval on precomputed external latents (no training, no network).
+"""`attrlab latent fit`: latent_retrieval on precomputed external latents (no training, no network);
+`attrlab latent search`: one adjusted, preference-weighted query against a preference index.
 
+    attrlab latent search RUN_OR_FIT_DIR --key KEY [--adjust Smiling=0] [--prefer Eyeglasses=4] [-k 10]
     attrlab latent fit --latents W.npy|W.pt --attributes list_attr_celeba.txt
                        [--partition list_eval_partition.txt] [--keys keys.txt]
                        [--identities identity_CelebA.txt] [--identity-features F.npy]
@@ -52,6 +54,17 @@ def add_parser(sub: Any) -> None:
     f.add_argument("--index", action="store_true", help="also build the exact preference index of the test split")
     f.add_argument("--out", type=Path, required=True)
     f.set_defaults(func=cmd_fit)
+    q = lsub.add_parser("search", help="query a preference index by gallery key, with adjustments and preferences")
+    q.add_argument("source", type=Path, help="a latent_retrieval run directory or an `attrlab latent fit` --out")
+    q.add_argument("--index", type=Path, default=None,
+                   help="index directory (default: RUN/index/<test split>-preference, or FIT/index)")
+    q.add_argument("--key", required=True, help="the query: a gallery image's key")
+    q.add_argument("--adjust", action="append", default=[], metavar="ATTR=A",
+                   help="desired intensity a in [0, 1] of an attribute (Eq. 4); repeatable")
+    q.add_argument("--prefer", action="append", default=[], metavar="ATTR=P",
+                   help="preference p >= 0 of an attribute (default 1; 0 = don't care); repeatable")
+    q.add_argument("-k", type=int, default=10)
+    q.set_defaults(func=cmd_search)
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
@@ -115,6 +128,73 @@ def cmd_fit(a: argparse.Namespace) -> int:
             "ifg/ndcg@5", "ifg/identity_sim", "ifg/same_identity@5")
     print(json.dumps({k: round(metrics[k], 4) for k in keys if k in metrics}))
     print(f"wrote {a.out}")
+    return 0
+
+
+def _assignments(items: list[str], names: tuple[str, ...], flag: str) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in names:
+            raise ShardError(f"{flag} {item!r}: expected ATTR=VALUE with ATTR one of {list(names)}")
+        try:
+            out[names.index(name.strip())] = float(value)
+        except ValueError:
+            raise ShardError(f"{flag} {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def query_context(source: Path, index: Path | None) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor, Path]:
+    """(attribute names, a_min, a_max, index dir) of a latent_retrieval run or a `latent fit` output."""
+    if (source / "directions.safetensors").is_file():  # attrlab latent fit
+        from safetensors import safe_open
+
+        with safe_open(str(source / "directions.safetensors"), "pt") as f:
+            names = tuple(json.loads(f.metadata()["attributes"]))
+            a_min, a_max = f.get_tensor("a_min"), f.get_tensor("a_max")
+        return names, a_min, a_max, index or source / "index"
+    from jobs.checkpoints import latest_export
+    from jobs.evaluate import load_export
+    from models.latent_retrieval import _unwrap
+
+    if not source.is_dir():
+        raise ShardError(f"{source}: not a run directory or an `attrlab latent fit` output")
+    method, cfg, model, _ = load_export(latest_export(source))
+    if method.name != "latent_retrieval":
+        raise ShardError(f"{source}: a {method.name} run, not latent_retrieval")
+    m = _unwrap(model)
+    return tuple(m.attributes), m.a_min, m.a_max, index or source / "index" / f"{cfg.data.test_split}-preference"
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    from models import latent_directions as ld
+    from models.latent_index import PreferenceIndex
+
+    names, a_min, a_max, index_dir = query_context(a.source, a.index)
+    if not (index_dir / "meta.json").is_file():
+        raise ShardError(f"{index_dir}: no preference index; build it with `attrlab index {a.source} --kind preference`"
+                         " or `attrlab latent fit ... --index`")
+    adjust, prefer = _assignments(a.adjust, names, "--adjust"), _assignments(a.prefer, names, "--prefer")
+    if any(not 0.0 <= v <= 1.0 for v in adjust.values()):
+        raise ShardError("--adjust: intensities must lie in [0, 1]")
+    if any(v < 0 for v in prefer.values()):
+        raise ShardError("--prefer: preferences must be >= 0")
+    idx = PreferenceIndex.load(index_dir)
+    if idx.keys is None or a.key not in idx.keys:
+        raise ShardError(f"--key {a.key!r}: not in the index {index_dir}")
+    w_q = torch.from_numpy(idx.latent(idx.keys.index(a.key)).astype(np.float64))[None]
+    F_ = torch.from_numpy(np.asarray(idx.directions, np.float64))
+    av = torch.full((1, len(names)), float("nan"), dtype=torch.float64)
+    for j, v in adjust.items():
+        av[0, j] = v
+    c_t = ld.adjust_target(ld.projections(w_q, F_), av, a_min.double(), a_max.double())
+    p = np.ones(len(names))
+    for j, v in prefer.items():
+        p[j] = v
+    dist, ids = idx.search(w_q.numpy(), p, a.k, c_target=c_t.numpy())
+    print(json.dumps({"query": a.key, "adjust": {names[j]: v for j, v in adjust.items()},
+                      "prefer": {names[j]: v for j, v in prefer.items()},
+                      "results": [{"key": idx.keys[i], "distance": float(d)} for d, i in zip(dist[0], ids[0])]}))
     return 0
 
 

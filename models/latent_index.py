@@ -177,6 +177,12 @@ class PreferenceIndex:
         self._index.syncWithSubIndexes()
         self.stats = {"queries": 0, "widened": 0, "fallback": 0}
 
+    directions = property(lambda self: self._F, doc="F [D, M] the index was built with")
+
+    def latent(self, row: int) -> np.ndarray:
+        """The stored (float32) latent of gallery row `row` (e.g. to query by a gallery image)."""
+        return np.asarray(self._W[row])
+
     ntotal = property(lambda self: int(self._W.shape[0]))
     dim = property(lambda self: int(self._W.shape[1]))
     n_attributes = property(lambda self: int(self._F.shape[1]))

@@ -149,7 +149,7 @@ def _write_external(tmp: Path, n: int = 400, ids: int = 40) -> tuple[Path, Path,
     return lat, attr, part, ident, G
 
 
-def test_external_latents_fit_evaluate_and_index(tmp_path: Path) -> None:
+def test_external_latents_fit_evaluate_index_and_search(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from jobs.cli import main
     from models.latent_index import PreferenceIndex
 
@@ -178,6 +178,20 @@ def test_external_latents_fit_evaluate_and_index(tmp_path: Path) -> None:
     ref = ld.weighted_distance(W[:2].double(), W.double(), F_.double(), torch.from_numpy(p))
     assert (ids == torch.topk(ref, 5, largest=False).indices.numpy()).all()
     assert np.allclose(dist, torch.topk(ref, 5, largest=False).values.numpy(), rtol=1e-6, atol=1e-6)
+
+    # `attrlab latent search`: by key, with an adjustment (Eq. 4, T(a) from the training range) and preferences
+    capsys.readouterr()
+    assert main(["latent", "search", str(out), "--key", "000281.jpg", "--adjust", "Eyeglasses=1",
+                 "--prefer", "Eyeglasses=4", "--prefer", "Smiling=0", "-k", "4"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    d = load_file(str(out / "directions.safetensors"))
+    c_t = ld.projections(W[1:2].double(), F_.double())
+    c_t[0, 1] = d["a_max"][1].double()
+    ref = ld.weighted_distance(W[1:2].double(), W.double(), F_.double(), torch.tensor([0.0, 4.0, 1.0]), c_t)[0]
+    keys = [f"{i:06d}.jpg" for i in range(280, 400)]
+    assert [r["key"] for r in got["results"]] == [keys[i] for i in torch.topk(ref, 4, largest=False).indices]
+    assert main(["latent", "search", str(out), "--key", "000281.jpg", "--adjust", "Beard=1"]) == 2
+    assert "--adjust 'Beard=1'" in capsys.readouterr().err
 
 
 def test_external_latents_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
