@@ -191,10 +191,12 @@ def cmd_search(a: argparse.Namespace) -> int:
     p = np.ones(len(names))
     for j, v in prefer.items():
         p[j] = v
-    dist, ids = idx.search(w_q.numpy(), p, a.k, c_target=c_t.numpy())
+    row = idx.keys.index(a.key)
+    dist, ids = idx.search(w_q.numpy(), p, min(a.k + 1, idx.ntotal), c_target=c_t.numpy())
+    hits = [(float(d), int(i)) for d, i in zip(dist[0], ids[0]) if i != row][:a.k]  # the query is not its own result
     print(json.dumps({"query": a.key, "adjust": {names[j]: v for j, v in adjust.items()},
                       "prefer": {names[j]: v for j, v in prefer.items()},
-                      "results": [{"key": idx.keys[i], "distance": float(d)} for d, i in zip(dist[0], ids[0])]}))
+                      "results": [{"key": idx.keys[i], "distance": d} for d, i in hits]}))
     return 0
 
 
