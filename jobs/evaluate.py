@@ -34,6 +34,11 @@ def load_export(export: Path) -> tuple[registry.Method, Any, torch.nn.Module, Da
     return method, cfg, model.eval(), meta
 
 
+def load_model_dir(path: Path) -> tuple[registry.Method, Any, torch.nn.Module, DatasetMeta]:
+    """load_export of a run directory's latest export, or of an export directory itself."""
+    return load_export(path if (path / "model.safetensors").is_file() else latest_export(path))
+
+
 def evaluate_run(run_dir: Path, data: Path | None = None, split: str | None = None,
                  workers: int = 0) -> dict[str, Any]:
     """workers > 0: methods that embed through `loaders.embed` do it on that many Ray Data actors

@@ -67,16 +67,14 @@ class Collected:
 
 def identity_model(path: str) -> tuple[Any, Any, Any]:
     """(method, config, model) of the run (or export) named by model.identity_run."""
-    from jobs.checkpoints import latest_export
-    from jobs.evaluate import load_export
+    from jobs.evaluate import load_model_dir
 
     if path not in _IDENTITY:
         p = Path(path)
         if not p.exists():
             raise ShardError(f"model.identity_run {p}: not found; train an embedding run first "
                              f"(e.g. `attrlab train coop_embed --data ... --out {p}`)")
-        export = p if (p / "model.safetensors").is_file() else latest_export(p)
-        method, cfg, model, _ = load_export(export)
+        method, cfg, model, _ = load_model_dir(p)
         if method.embed is None:
             raise ShardError(f"model.identity_run {p}: {method.name} has no embedding; use e.g. a coop_embed run")
         _IDENTITY[path] = (method, cfg, model)

@@ -39,16 +39,14 @@ _ORACLES: dict[str, Any] = {}
 
 def load_oracle(path: str) -> nn.Module:
     """The attr_oracle model of a run directory (its latest export) or an export directory."""
-    from jobs.checkpoints import latest_export  # lazy: models/ stays importable without the jobs layer
-    from jobs.evaluate import load_export
+    from jobs.evaluate import load_model_dir  # lazy: models/ stays importable without the jobs layer
 
     if path in _ORACLES:
         return _ORACLES[path]
     p = Path(path)
     if not p.exists():
         raise ShardError(f"model.oracle {p}: not found; train one with `attrlab train attr_oracle --data ... --run-dir {p}`")
-    export = p if (p / "model.safetensors").is_file() else latest_export(p)
-    method, _, model, _ = load_export(export)
+    method, _, model, _ = load_model_dir(p)
     if method.name != "attr_oracle":
         raise ShardError(f"model.oracle {p}: is a {method.name} run, not attr_oracle")
     _ORACLES[path] = model
