@@ -153,13 +153,12 @@ def query_context(source: Path, index: Path | None) -> tuple[tuple[str, ...], to
             names = tuple(json.loads(f.metadata()["attributes"]))
             a_min, a_max = f.get_tensor("a_min"), f.get_tensor("a_max")
         return names, a_min, a_max, index or source / "index"
-    from jobs.checkpoints import latest_export
-    from jobs.evaluate import load_export
+    from jobs.evaluate import load_model_dir
     from models.latent_retrieval import _unwrap
 
     if not source.is_dir():
         raise ShardError(f"{source}: not a run directory or an `attrlab latent fit` output")
-    method, cfg, model, _ = load_export(latest_export(source))
+    method, cfg, model, _ = load_model_dir(source)
     if method.name != "latent_retrieval":
         raise ShardError(f"{source}: a {method.name} run, not latent_retrieval")
     m = _unwrap(model)

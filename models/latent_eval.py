@@ -217,10 +217,15 @@ def sweep(split: Split, F_: torch.Tensor, a_min: torch.Tensor, a_max: torch.Tens
     return out
 
 
+def _identity_measure(s: dict[str, Any]) -> dict[tuple[float, int], np.ndarray]:
+    """The sweep's identity cosines when there is an identity model, else its same-identity shares."""
+    return s["sim"] if s["sim"][(s["p"][0], KS[0])] is not None else s["same"]
+
+
 def summarise(s: dict[str, Any], floor: dict[int, np.ndarray] | None) -> dict[str, float]:
     """Table 1's settings from one sweep; `floor[k]` = per-query identity floor (constrained)."""
     ps = s["p"]
-    ident = s["sim"] if s["sim"][(ps[0], KS[0])] is not None else s["same"]
+    ident = _identity_measure(s)
     out: dict[str, float] = {}
     for k in KS:
         nd = np.stack([s["ndcg"][(v, k)] for v in ps])  # [P, Q]
@@ -244,7 +249,7 @@ def summarise(s: dict[str, Any], floor: dict[int, np.ndarray] | None) -> dict[st
 
 
 def identity_floor(s: dict[str, Any]) -> dict[int, np.ndarray]:
-    ident = s["sim"] if s["sim"][(1.0, KS[0])] is not None else s["same"]
+    ident = _identity_measure(s)
     return {k: ident[(1.0, k)] for k in KS}
 
 

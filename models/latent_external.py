@@ -64,8 +64,7 @@ def load_external(latents: Path, attributes: Path, partition: Path | None = None
     names, rows = read_attr_list(Path(attributes))
     raw = _read_latents(Path(latents))
     if isinstance(raw, dict):
-        order = [k for k in rows if k in raw]
-        missing = len(rows) - len(order)
+        order = [k for k in rows if k in raw]  # rows without a latent (or latents without a row) are left out
         if not order:
             raise ShardError(f"--latents {latents}: no image name matches {attributes}")
         W = np.stack([raw[k].reshape(-1) for k in order])
@@ -80,8 +79,6 @@ def load_external(latents: Path, attributes: Path, partition: Path | None = None
             raise ShardError(f"--attributes {attributes}: {missing} of the latents' images are not listed "
                              f"(e.g. {next(k for k in order if k not in rows)!r})")
         W = raw.reshape(len(raw), -1)
-    if missing:
-        order = [k for k in order if k in rows]
     if not np.isfinite(W).all():
         raise ShardError(f"--latents {latents}: contains NaN or inf")
     for n in use:
