@@ -73,11 +73,15 @@ class Reporter(abc.ABC):
     """Where logs and checkpoints go; subclasses differ only in storage."""
 
     def __init__(self, run_dir: Path, meta_json: dict[str, Any], keep: int) -> None:
+        from jobs.tracking import RunLogger
+
         self.run_dir, self.meta_json, self.keep = Path(run_dir), meta_json, keep
+        self.tracker = RunLogger(self.run_dir)  # MLflow, when the driver opened a run (tracking.json)
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / "train_log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        self.tracker.log(row)
 
     def inject_fault_once(self) -> bool:
         marker = self.run_dir / FAULT_MARKER

@@ -12,12 +12,14 @@ nothing already written is overwritten by an unrelated run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import socket
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -27,7 +29,7 @@ from shards.format import ShardError, read_manifest, read_meta
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # keys that may change between a run and its resumption (more steps, other hardware)
-RESUMABLE_CHANGES = ("schedule.max_steps", "scaling.", "eval.", "checkpoint.fail_at_step", "data.path")
+RESUMABLE_CHANGES = ("schedule.max_steps", "scaling.", "eval.", "checkpoint.fail_at_step", "data.path", "tracking.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,9 +122,44 @@ def cmd_train(a: argparse.Namespace) -> int:
     from jobs.train import TrainJob
 
     job = TrainJob(a.method, configlib.to_dict(cfg), str(a.data.resolve()), str(a.out.resolve()))
-    metrics = run_local(job) if a.local else run_ray(job, cfg)
+    tracked = start_tracking(a.out, a.method, cfg)
+    with tracking_status(a.out):
+        metrics = run_local(job) if a.local else run_ray(job, cfg)
     print(json.dumps({"run_dir": str(a.out), **{k: round(v, 4) for k, v in metrics.items()}}))
+    if tracked:
+        print(f"attrlab: tracked in MLflow: mlflow ui --backend-store-uri {tracked}", file=sys.stderr)
     return 0
+
+
+def start_tracking(run_dir: Path, method: str, cfg: Any, *, respect_env: bool = True, run_name: str = "",
+                   tags: dict[str, str] | None = None) -> str:
+    """Open the run's MLflow run (jobs/tracking.py); returns the store URI, "" when tracking is off.
+    respect_env=False: a sweep's trial, whose driver already folded ATTRLAB_TRACKING into cfg."""
+    from jobs import tracking
+
+    if not cfg.tracking.enabled or (respect_env and tracking.env_disabled()):
+        (run_dir / tracking.RECORD).unlink(missing_ok=True)  # workers log only where this exists
+        return ""
+    uri = tracking.store_uri(cfg.tracking.uri, run_dir)
+    tracking.open_run(run_dir, configlib.to_dict(cfg), uri=uri, experiment=cfg.tracking.experiment or method,
+                      run_name=run_name or run_dir.name, tags={"attrlab.method": method, **(tags or {})})
+    return uri
+
+
+@contextlib.contextmanager
+def tracking_status(run_dir: Path) -> Iterator[None]:
+    """End the run's MLflow run FINISHED, or FAILED / KILLED when training raises."""
+    from jobs import tracking
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracking.close_run(run_dir, "KILLED")
+        raise
+    except BaseException:
+        tracking.close_run(run_dir, "FAILED")
+        raise
+    tracking.close_run(run_dir, "FINISHED")
 
 
 def check_build(method: Any, cfg: Any, data: Path) -> None:
@@ -186,28 +223,38 @@ def ray_worker_entry(config: dict[str, Any]) -> None:
     run_loop(job, RayReporter(Path(job.run_dir), meta, config["keep"]))
 
 
-def run_ray(job: Any, cfg: Any) -> dict[str, float]:
-    import ray
+def make_trainer(job: Any, cfg: Any, *, callbacks: tuple[Any, ...] = (), score: tuple[str, str] | None = None) -> Any:
+    """The TorchTrainer over `ray_worker_entry` that `attrlab train` and each `attrlab tune` trial
+    run; its Ray storage is RUN_DIR itself (storage_path = the parent, name = the directory), so a
+    re-run with the same RUN_DIR resumes. score: (metric, max|min) keeps the best checkpoints
+    (Ray always keeps the latest too, for resuming)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
     s = cfg.scaling
     gpu = s.gpus_per_worker > 0
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if gpu else {})}
     run_dir = Path(job.run_dir)
     storage = s.storage_path or str(run_dir.parent)
-    trainer = TorchTrainer(
+    keep = CheckpointConfig(num_to_keep=cfg.checkpoint.keep, **(
+        {"checkpoint_score_attribute": score[0], "checkpoint_score_order": score[1]} if score else {}))
+    return TorchTrainer(
         ray_worker_entry,
         train_loop_config={"job": job.__dict__, "keep": cfg.checkpoint.keep},
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(name=run_dir.name, storage_path=storage,
+        run_config=RunConfig(name=run_dir.name, storage_path=storage, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+                             checkpoint_config=keep),
     )
-    result = trainer.fit()
+
+
+def run_ray(job: Any, cfg: Any) -> dict[str, float]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    result = make_trainer(job, cfg).fit()
     return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
 
 

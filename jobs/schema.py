@@ -79,9 +79,21 @@ class EvalSection:
     max_batches: int = 0  # validation batches per evaluation; 0 = the whole split
 
 
+@dataclass(frozen=True)
+class TrackingSection:
+    """MLflow experiment tracking (jobs/tracking.py); ATTRLAB_TRACKING=0 turns it off everywhere."""
+
+    enabled: bool = True
+    # "" = $MLFLOW_TRACKING_URI, else a local store: sqlite:///RUN_DIR/mlflow.db (a sweep: SWEEP_DIR/mlflow.db).
+    # Multi-node runs need a store every node reaches (an MLflow server URI, or a shared-filesystem path).
+    uri: str = ""
+    experiment: str = ""  # "" = the method name (a sweep: the sweep directory's name)
+
+
 SHARED_SECTIONS: dict[str, type] = {
     "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection, "scaling": ScalingSection,
     "deepspeed": DeepSpeedSection, "checkpoint": CheckpointSection, "eval": EvalSection,
+    "tracking": TrackingSection,
 }
 
 

@@ -6,6 +6,10 @@ from typing import Iterator
 
 import pytest
 
+# MLflow tracking costs ~5 s per run (import + a new SQLite store): off for the suite, on in the
+# tests of tracking itself (tests/test_tracking.py, tests/test_tune.py), which unset this.
+os.environ.setdefault("ATTRLAB_TRACKING", "0")
+
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[object]:
