@@ -202,16 +202,13 @@ def run_local(job: Any) -> dict[str, float]:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import torch
 
-    own = not dist.is_initialized()
-    if own:
+    if not dist.is_initialized():
+        # kept for the life of the process: DeepSpeed caches the world group, so a second run in
+        # the same process (a notebook, the tests) would meet a destroyed group
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
-    try:
-        cfg = configlib.build(resolve_config_class(job.method), job.cfg_dict)
-        meta = json.loads((Path(job.data) / "meta.json").read_text())
-        return run_loop(job, LocalReporter(Path(job.run_dir), meta, cfg.checkpoint.keep))
-    finally:
-        if own:
-            dist.destroy_process_group()
+    cfg = configlib.build(resolve_config_class(job.method), job.cfg_dict)
+    meta = json.loads((Path(job.data) / "meta.json").read_text())
+    return run_loop(job, LocalReporter(Path(job.run_dir), meta, cfg.checkpoint.keep))
 
 
 def ray_worker_entry(config: dict[str, Any]) -> None:

@@ -79,9 +79,9 @@ def ensure_experiment(uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     local = _local_dir(uri)
-    if local is not None:
-        local.mkdir(parents=True, exist_ok=True)
     try:
+        if local is not None:
+            local.mkdir(parents=True, exist_ok=True)
         client = _client(uri)
         exp = client.get_experiment_by_name(name)
         if exp is not None:

@@ -242,7 +242,8 @@ def run_sweep(sweep: dict[str, Any], space: Space, a: argparse.Namespace) -> dic
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # checked with a clear message after
     if tune.Tuner.can_restore(str(exp_dir)):
         print(f"attrlab: resuming the sweep in {exp_dir}; finished trials are kept", file=sys.stderr)
-        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=True)
+        # an errored trial (a diverged config, say) stays errored: resuming it would fail again
+        tuner = tune.Tuner.restore(str(exp_dir), trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = tune.Tuner(trainable, param_space={"params": space.to_tune()},
                            tune_config=_tune_config(sweep, a, concurrent),

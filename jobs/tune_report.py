@@ -163,9 +163,14 @@ def _figures(sweep: dict[str, Any], rows: list[dict[str, Any]]) -> list[tuple[st
         norm.append([(v - a) / (b - a) if b > a else 0.5 for v in vals])
     for i in range(len(scored)):
         ax.plot(range(len(cols)), [n[i] for n in norm], color=colour[i], alpha=0.85)
+    for x, vals in enumerate(cols):  # each axis's range at its ends
+        ax.axvline(x, color="#bbb", lw=0.8, zorder=0)
+        for y, v in ((0.0, min(vals)), (1.0, max(vals))):
+            ax.annotate(f"{v:.3g}", (x, y), xytext=(3, -10 if y == 0 else 4), textcoords="offset points", fontsize=7)
     labels = [f"{k}{' (log10)' if ax_[1] == ['log10'] else ''}" for k, ax_ in zip(keys, axes)] + [sweep["metric"]]
     ax.set_xticks(range(len(cols)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_yticks([])
+    ax.set_xlim(-0.2, len(cols) - 0.5)
     ax.set_title("parallel coordinates (each axis min-max scaled; colour = metric)")
     out.append(("Parallel coordinates: one line per trial", _png(fig)))
     n = len(keys)

@@ -150,3 +150,52 @@ def test_asha_sweep_interrupted_resumed_exported_and_tracked(ray_session: object
         assert history and history[-1].step <= 4
     best_hist = client.get_metric_history(runs[best["trial_id"]].info.run_id, "val/rank_acc")
     assert max(h.value for h in best_hist) == pytest.approx(best["best"])
+
+
+def test_optuna_search_is_built_and_its_absence_is_one_line(tiny_attrworld: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    from jobs.tune import _tune_config
+
+    sweep = {"max_steps": 4, "eval_every": 2, "metric": "val/rank_acc", "mode": "max"}
+    a = argparse.Namespace(search="optuna", scheduler="asha", reduction_factor=3, seed=0, trials=3)
+    cfg = _tune_config(sweep, a, 1)
+    assert isinstance(cfg.search_alg, OptunaSearch) and cfg.max_concurrent_trials == 1
+    assert cfg.scheduler._max_t == 4 and cfg.scheduler._time_attr == "step"
+    # grid points cannot be sampled by Optuna
+    space = tmp_path / "grid.yaml"
+    space.write_text("params:\n  optim.lr: {grid: [0.001, 0.002]}\n")
+    base = ["tune", "stn_ranker", "--data", str(tiny_attrworld), "--out", str(tmp_path / "s"), "--search", "optuna"]
+    assert main([*base, "--space", str(space)]) == 2
+    assert "grid: Optuna samples" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
+    assert main(base) == 2
+    assert "--search optuna needs Optuna: pip install 'attrlab[tune]'" in capsys.readouterr().err
+
+
+def test_a_sweep_is_submittable_to_a_cluster() -> None:
+    from cluster.submit import entrypoint, job_command
+
+    args = job_command(["--", "tune", "deml", "--data", "/shared/digits", "--out", "/shared/sweeps/d1",
+                        "--trials", "16", "--max-concurrent", "4", "--search", "optuna"])
+    assert entrypoint("python", args).startswith("python -m jobs.cli tune deml --data /shared/digits")
+
+
+def test_a_sweep_directory_holds_one_sweep(tiny_attrworld: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs.tune import check_sweep_dir
+
+    out = tmp_path / "s"
+    check_sweep_dir(out, {"method": "stn_ranker", "trials": 3}, write=True)
+    with pytest.raises(Exception, match="resuming a sweep with a different trials"):
+        check_sweep_dir(out, {"method": "stn_ranker", "trials": 5})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x").write_text("keep")
+    assert main(["tune", "stn_ranker", "--data", str(tiny_attrworld), "--out", str(other)]) == 2
+    assert "is not an attrlab sweep directory" in capsys.readouterr().err
+    assert (other / "x").read_text() == "keep"
