@@ -45,15 +45,6 @@ def load_run_config(method: str, path: Path | None, overrides: list[str]) -> Any
     return configlib.load(resolve_config_class(method), path if path.is_file() else None, overrides)
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
     """Save config + data provenance, or check them against the run being resumed."""
     manifest = read_manifest(data)
@@ -64,7 +55,7 @@ def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
         prev = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
         if prev.get("method") not in (None, method):
             raise ShardError(f"--out {run_dir}: holds a {prev['method']} run; choose another directory")
-        a, b = _flat(old), _flat(cfg_dict)
+        a, b = configlib.flatten(old), configlib.flatten(cfg_dict)
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
         if diff:
             k = diff[0]
@@ -107,14 +98,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from models import registry
 
     registry.get(a.method)  # unknown method -> one clear line
-    sets = list(a.set)
-    if a.workers is not None:
-        sets.append(f"scaling.workers={a.workers}")
-    if a.gpus_per_worker is not None:
-        sets.append(f"scaling.gpus_per_worker={a.gpus_per_worker}")
-    if a.max_steps is not None:
-        sets.append(f"schedule.max_steps={a.max_steps}")
-    sets.append(f"data.path={a.data.resolve()}")
+    sets = flag_overrides(a.set, a.data, workers=a.workers, gpus_per_worker=a.gpus_per_worker, max_steps=a.max_steps)
     cfg = load_run_config(a.method, a.config, sets)
     cfg = absolute_paths(cfg, registry.get(a.method).path_fields)
     check_build(registry.get(a.method), cfg, a.data)
@@ -160,6 +144,12 @@ def tracking_status(run_dir: Path) -> Iterator[None]:
         tracking.close_run(run_dir, "FAILED")
         raise
     tracking.close_run(run_dir, "FINISHED")
+
+
+def flag_overrides(sets: list[str], data: Path, **flags: Any) -> list[str]:
+    """--set items plus the shortcut flags that were given (--workers, --max-steps, ...) and --data."""
+    keys = {"workers": "scaling.workers", "gpus_per_worker": "scaling.gpus_per_worker", "max_steps": "schedule.max_steps"}
+    return [*sets, *(f"{keys[k]}={v}" for k, v in flags.items() if v is not None), f"data.path={data.resolve()}"]
 
 
 def check_build(method: Any, cfg: Any, data: Path) -> None:

@@ -149,6 +149,26 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
     return data
 
 
+def read_yaml(path: Path) -> Any:
+    """Safe-load a YAML file; a syntax error is one ConfigError naming the file and line."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys ({'a': {'b': 1}} -> {'a.b': 1})."""
+    if isinstance(d, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
 def load(cls: type[T], path: Path | None = None, overrides: list[str] | None = None,
          base: Mapping[str, Any] | None = None) -> T:
     """Load `cls` from YAML `path` (optional) on top of `base`, then apply overrides."""
@@ -158,12 +178,7 @@ def load(cls: type[T], path: Path | None = None, overrides: list[str] | None = N
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        loaded = read_yaml(path)
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = _merge(data, loaded)

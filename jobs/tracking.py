@@ -55,15 +55,6 @@ def metric_name(key: str) -> str:
     return _BAD.sub("_", key.replace("@", "_at_"))
 
 
-def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
@@ -118,6 +109,8 @@ def open_run(run_dir: Path, cfg_dict: Mapping[str, Any], *, uri: str, experiment
                 log.warning("tracking: run %s not found in %s; starting a new one", prev.get("run_id"), uri)
     all_tags = {"attrlab.run_dir": str(run_dir.resolve()), **(tags or {})}
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    from jobs.config import flatten
+
     params = [Param(metric_name(k), str(v)[:6000]) for k, v in sorted(flatten(cfg_dict).items())]
     for i in range(0, len(params), 100):  # MLflow's limit of params per batch
         client.log_batch(run.info.run_id, params=params[i:i + 100])

@@ -90,16 +90,11 @@ def cmd_tune(a: argparse.Namespace) -> int:
 def plan_sweep(a: argparse.Namespace) -> tuple[dict[str, Any], Space]:
     """Everything a trial needs, as plain data, checked before Ray starts anything."""
     from jobs import tracking
-    from jobs.cli_train import absolute_paths, check_build, load_run_config
+    from jobs.cli_train import absolute_paths, check_build, flag_overrides, load_run_config
     from models import registry
 
     method = registry.get(a.target)
-    sets = list(a.set)
-    if a.workers_per_trial is not None:
-        sets.append(f"scaling.workers={a.workers_per_trial}")
-    if a.max_steps is not None:
-        sets.append(f"schedule.max_steps={a.max_steps}")
-    sets.append(f"data.path={a.data.resolve()}")
+    sets = flag_overrides(a.set, a.data, workers=a.workers_per_trial, max_steps=a.max_steps)
     cfg = load_run_config(method.name, a.config, sets)
     # every validation becomes a checkpointed report: ASHA judges it, and the best is kept
     sets.append(f"checkpoint.every_steps={cfg.eval.every_steps}")

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from jobs.config import ConfigError
+from jobs.config import ConfigError, read_yaml
 
 # distribution -> (number of arguments, or None for a list of values; numeric bounds?)
 DISTRIBUTIONS: dict[str, int | None] = {
@@ -108,11 +108,7 @@ def load_space(path: Path, method: str, default_metric: str, config: Path | None
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--space {path}: file not found (one per method in {SPACE_DIR})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with metric, mode and params")
     unknown = sorted(set(data) - {"metric", "mode", "params"})
