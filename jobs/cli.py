@@ -11,6 +11,7 @@ from shards.format import ShardError
 def build_parser() -> argparse.ArgumentParser:
     from cluster import submit as submit_cli
     from jobs import cli_train, index, latent, quickstart, report, tune
+    from serve import cli as serve_cli
     from shards import cli as shards_cli
 
     p = argparse.ArgumentParser(prog="attrlab", description="visual-attribute models on a Ray cluster")
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_parser(sub)
     latent.add_parser(sub)
     tune.add_parser(sub)
+    serve_cli.add_parser(sub)
     quickstart.add_parser(sub)
     submit_cli.add_parsers(sub)
     return p
