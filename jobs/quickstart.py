@@ -10,7 +10,9 @@
    identities, query -> gallery; deml: zero-shot Recall@K on the unseen digits 5-9; trip: the
    translation metrics judged by the oracle; latent_retrieval: nDCG and identity similarity of
    adjusted queries), build coop_embed's faiss gallery index and latent_retrieval's exact
-   preference index, write the reports and print the metrics with the report paths.
+   preference index, write the reports and print the metrics with the report paths;
+4. deploy the five models on a local Ray Serve (OUT/serve.yaml), send one request per route over
+   HTTP, print the answers, shut down (serve/demo.py).
 Re-running resumes: verified shards are skipped and a finished run is only re-evaluated.
 """
 from __future__ import annotations
@@ -111,7 +113,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     trip = runs["trip"][0]
     latent = runs["latent_retrieval"][0]
     for cmd in (["eval", str(runs["stn_ranker"][0])], ["report", str(runs["stn_ranker"][0])], ["eval", str(coop)],
-                ["index", str(coop), "--data", str(data)], ["report", str(coop)], ["eval", str(deml)],
+                ["index", str(coop), "--data", str(data)], ["report", str(coop)], ["eval", str(deml)], ["index", str(deml)],
                 ["report", str(deml)], ["eval", str(runs["attr_oracle"][0])], ["eval", str(trip)], ["report", str(trip)],
                 ["eval", str(latent)], ["index", str(latent), "--kind", "preference"], ["report", str(latent)]):
         if attrlab(cmd) != 0:
@@ -130,5 +132,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
         if key in m:
             report = run / "report" / "index.html"
             print(f"{method:18s}{key:18s}{m[key]:9.3g}   {report.resolve() if report.is_file() else ''}")
+    from serve.demo import serve_demo
+
+    serve_demo(a.out, {name: run for name, (run, _, _) in runs.items()},
+               {"attrworld": data, "digits": digits, "faces": faces})
     print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s; shards under {(a.out / 'shards').resolve()}")
     return 0

@@ -71,3 +71,19 @@ def check_args(args: Mapping[str, Any]) -> tuple[dict[str, dict[str, str]], dict
     except ValueError as e:
         raise ShardError(f"args.limits: {e}") from None
     return out, limits
+
+
+def write_config(path: Path, models: Mapping[str, Mapping[str, str]], port: int, *, max_batch_size: int = 16,
+                 cpus: float = 0.5) -> Path:
+    """A serve.yaml for these models on 127.0.0.1:port, one replica each (demo, benchmarks)."""
+    import yaml
+
+    deps = [{"name": f"model-{n}", "num_replicas": 1, "ray_actor_options": {"num_cpus": cpus},
+             "user_config": {"max_batch_size": max_batch_size,
+                             "batch_wait_timeout_s": 0.005 if max_batch_size > 1 else 0.0}} for n in models]
+    deps.append({"name": "gateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": cpus}})
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": "attrlab", "route_prefix": "/", "import_path": "serve.app:build_app",
+                             "args": {"models": {n: dict(m) for n, m in models.items()}}, "deployments": deps}]}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

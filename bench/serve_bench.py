@@ -1,0 +1,155 @@
+"""Serving benchmark: p50 / p99 latency and throughput per route at concurrency 1, 8 and 32, with
+batching on (max_batch_size 16) and off (1), and Serve's overhead against the same model called
+in-process (serve/services.py, one image per call).
+
+    python -m bench.serve_bench --runs data/runs [--requests 200] [--concurrency 1 8 32] [--out docs/serve_bench.json]
+
+--runs holds the run directories `make demo` trains (stn_ranker, coop_embed + index, deml + index,
+latent_retrieval + preference index, trip). It starts a local Ray with 4 logical CPUs, deploys
+the app twice (batching on, then off), drives each route from a thread pool of N clients sending
+one-image requests (base64 JSON, the embedded dataset's image size), and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures as cf
+import io
+import json
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import requests
+
+ROUTES = {  # route -> (model name in the app, url suffix, body builder(image b64, info))
+    "rank": ("stn_ranker", "/v1/rank/stn_ranker", lambda b, i: {"image": b}),
+    "compare": ("stn_ranker", "/v1/rank/stn_ranker/compare", lambda b, i: {"pairs": [[b, b]]}),
+    "search coop_embed": ("coop_embed", "/v1/search/coop_embed", lambda b, i: {"image": b, "k": 10}),
+    "search deml": ("deml", "/v1/search/deml", lambda b, i: {"image": b, "k": 10}),
+    "face search": ("latent_retrieval", "/v1/search/latent_retrieval",
+                    lambda b, i: {"image": b, "k": 10, "adjust": {i["attributes"][0]: 1.0}, "prefer": {i["attributes"][0]: 2.0}}),
+    "translate": ("trip", "/v1/translate/trip", lambda b, i: {"image": b, "v": [1.0] * len(i["attributes"])}),
+}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drive(send: Callable[[requests.Session], int], n: int, concurrency: int) -> dict[str, float]:
+    """n requests from `concurrency` clients; latency percentiles (ms) and throughput (req/s)."""
+    lat: list[float] = []
+    errors = 0
+
+    def client(count: int) -> None:
+        nonlocal errors
+        with requests.Session() as s:
+            for _ in range(count):
+                t0 = time.perf_counter()
+                ok = send(s) == 200
+                lat.append(time.perf_counter() - t0)
+                errors += not ok
+
+    per = [n // concurrency + (i < n % concurrency) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(client, per))
+    wall = time.perf_counter() - t0
+    a = np.array(lat) * 1000
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "rps": n / wall,
+            "errors": errors}
+
+
+def in_process(runs: Path, image: np.ndarray, n: int) -> dict[str, float]:
+    """p50 ms of one-image calls to the services in this process (no HTTP, no Serve)."""
+    from serve.services import load_service
+
+    svc = {m: load_service(m, runs / m) for m in ("stn_ranker", "coop_embed", "deml", "latent_retrieval", "trip")}
+    attrs = svc["latent_retrieval"].attributes()
+    adjust = np.full((1, len(attrs)), np.nan)
+    adjust[0, 0] = 1.0
+    prefer = np.ones((1, len(attrs)))
+    prefer[0, 0] = 2.0
+    calls = {
+        "rank": lambda: svc["stn_ranker"].rank([image]),
+        "compare": lambda: svc["stn_ranker"].compare([(image, image)]),
+        "search coop_embed": lambda: svc["coop_embed"].search([image], 10),
+        "search deml": lambda: svc["deml"].search([image], 10),
+        "face search": lambda: svc["latent_retrieval"].search(svc["latent_retrieval"].encode([image]), adjust, prefer, 10),
+        "translate": lambda: svc["trip"].translate([image], np.ones((1, len(svc["trip"].attributes())), np.float32)),
+    }
+    out = {}
+    for route, call in calls.items():
+        call()  # warm-up
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        out[route] = float(np.percentile(np.array(times) * 1000, 50))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--routes", nargs="+", default=list(ROUTES))
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    import ray
+    from PIL import Image
+    from ray import serve
+
+    from serve.cli import deploy, load_config
+    from serve.config import write_config
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    results: dict[str, Any] = {"in_process_p50_ms": in_process(a.runs, image, 50)}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    for batch in (16, 1):
+        port = _port()
+        models = {m: {"run": str(a.runs / m)} for m in ("stn_ranker", "trip", "coop_embed", "deml", "latent_retrieval")}
+        deploy(load_config(write_config(tmp / f"serve-{batch}.yaml", models, port, max_batch_size=batch)), 300)
+        url = f"http://127.0.0.1:{port}"
+        infos = {m["name"]: m for m in requests.get(f"{url}/v1/models", timeout=60).json()["models"]}
+        for route in a.routes:
+            model, path, body = ROUTES[route]
+            payload = json.dumps(body(b64, infos[model]))
+
+            def send(s: requests.Session, path: str = path, payload: str = payload) -> int:
+                return s.post(url + path, data=payload, headers={"Content-Type": "application/json"}, timeout=120).status_code
+
+            drive(send, 10, 2)  # warm-up
+            for c in a.concurrency:
+                r = drive(send, max(a.requests, 4 * c), c)
+                results[f"{route}|batch={batch}|c={c}"] = r
+                print(f"{route:18s} batch={batch:2d} c={c:2d}  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
+                      f"{r['rps']:7.1f} req/s  errors {r['errors']}", flush=True)
+        serve.shutdown()
+    print("\n| route | in-process p50 ms | c | batching on: p50 / p99 ms, req/s | off: p50 / p99 ms, req/s | on/off req/s |")
+    print("|---|---|---|---|---|---|")
+    for route in a.routes:
+        for c in a.concurrency:
+            on, off = results[f"{route}|batch=16|c={c}"], results[f"{route}|batch=1|c={c}"]
+            print(f"| {route} | {results['in_process_p50_ms'][route]:.1f} | {c} | {on['p50_ms']:.1f} / {on['p99_ms']:.1f}, "
+                  f"{on['rps']:.1f} | {off['p50_ms']:.1f} / {off['p99_ms']:.1f}, {off['rps']:.1f} | {on['rps'] / off['rps']:.2f}x |")
+    if a.out:
+        a.out.write_text(json.dumps(results, indent=1))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
