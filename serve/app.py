@@ -63,8 +63,9 @@ class Gateway:
         except RequestError as e:
             self.m.errors.inc(tags={"route": route, "kind": f"{e.status}:{e.field}"})
             raise
-        finally:
-            self.m.latency.observe(time.perf_counter() - t0, tags={"route": route, "model": model})
+        finally:  # an unknown name is one tag value: clients must not create unbounded series
+            tag = model if model in self.models else "_unknown"
+            self.m.latency.observe(time.perf_counter() - t0, tags={"route": route, "model": tag})
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
