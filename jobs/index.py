@@ -179,6 +179,10 @@ def build_run_index(run_dir: Path, data: Path | None = None, split: str | None =
     tmp.mkdir()  # (not mkdtemp: its 0700 would stay on the renamed index)
     try:
         save_index(index, tmp, [str(k) for k in arrays["key"]], info)
+        if method.query_terms is not None:  # coop_embed's attribute-value / category terms, for serving
+            term_split = getattr(cfg.model, "term_split", cfg.data.train_split)
+            terms = embed_split(method, model, cfg, data, term_split, workers=workers, batch_size=batch_size, meta=meta)
+            np.savez(tmp / "terms.npz", **method.query_terms(model, terms))
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -377,6 +377,28 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: CoopEmbedConfig, met
     return retrieval_metrics(m, terms, gallery, query)
 
 
+def query_terms(model: nn.Module, terms: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The query terms of Sec. 4.2 for serving: per attribute value seen in the term split, the mean
+    embedding of its images (searched in that attribute's subspace); per category, the mean
+    embedding (searched in the whole space). One row each: kind, attribute, value, mean [D]."""
+    m = _unwrap(model)
+    d = _with_codes(m, terms)
+    emb, codes = np.asarray(d["emb"], np.float32), np.asarray(d["codes"])
+    rows: list[tuple[str, str, str, np.ndarray]] = []
+    for k, info in enumerate(m.infos):
+        for v in sorted(set(codes[:, k].tolist()) - {-1}):
+            rows.append(("attribute", info.name, str(v), emb[codes[:, k] == v].mean(0)))
+    cats = np.asarray(d["category"]).astype(str)
+    for c in sorted(set(cats.tolist())):
+        rows.append(("category", "", c, emb[cats == c].mean(0)))
+    slices = m.attribute_slices()
+    dim = emb.shape[1]
+    return {"kind": np.array([r[0] for r in rows]), "attribute": np.array([r[1] for r in rows]),
+            "value": np.array([r[2] for r in rows]), "mean": np.stack([r[3] for r in rows]).astype(np.float32),
+            "attributes": np.array([i.name for i in m.infos]),
+            "slices": np.array([s.indices(dim)[:2] for s in slices], dtype=np.int64)}
+
+
 METHOD = Method(
     name="coop_embed",
     config_cls=CoopEmbedConfig,
@@ -390,5 +412,6 @@ METHOD = Method(
     figures=lazy_figures("models.coop_embed_figures"),
     prepare_meta=prepare_meta,
     embed=embed_images,
+    query_terms=query_terms,
     path_fields=("weights",),
 )

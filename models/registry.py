@@ -68,6 +68,9 @@ class Method:
     prepare_meta: Callable[[DatasetMeta, Path, str], DatasetMeta] | None = None
     # optional: (model, uint8 images [B, 3, H, W]) -> embeddings [B, D] (index, serving)
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    # optional: (model, jobs.embed arrays of the term split) -> named arrays saved with the index as
+    # terms.npz (coop_embed: attribute-value and category query terms, served by /v1/search)
+    query_terms: Callable[[nn.Module, dict[str, Any]], dict[str, Any]] | None = None
     # `model:` fields holding local paths: made absolute at submission, so Ray workers (whose
     # working directory differs) read the same file
     path_fields: tuple[str, ...] = ()

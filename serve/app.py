@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from serve.deployments import ModelServer
-from serve.queries import latent_queries, need_images
+from serve.queries import latent_queries, need_images, subspace_of, term_query
 from serve.schemas import Limits, RequestError, install_handlers, parse_int, parse_vector, read_request
 
 INFO_TTL_S = 5.0  # how long the ingress trusts a model's attributes / ops before asking again
@@ -112,8 +112,11 @@ class Gateway:
         k = parse_int(req.fields.get("k"), "k", 1, self.limits.max_k, default=10)
         if "latent" in info["ops"]:
             out = await handle.latent.remote(latent_queries(req, info, k))
+        elif term_query(req.fields):
+            out = await handle.term.remote(*term_query(req.fields, req.images, info), k)
         else:
-            out = await handle.search.remote(need_images(req.images), k)
+            sub = subspace_of(req.fields, info)
+            out = await handle.search.remote(need_images(req.images), k, sub)
         return {"model": model, "k": k, **out}
 
     async def _model_any(self, name: str, ops: tuple[str, ...], route: str) -> tuple[Any, dict[str, Any]]:

@@ -75,8 +75,13 @@ class ModelServer:
     async def compare(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
         return await self._answer(self._compare(p) for p in pairs)
 
-    async def search(self, images: list[np.ndarray], k: int) -> dict[str, Any]:
-        return await self._answer(self._search((x, k)) for x in images)
+    async def search(self, images: list[np.ndarray], k: int, subspace: str | None = None) -> dict[str, Any]:
+        return await self._answer(self._search((x, k, subspace)) for x in images)
+
+    async def term(self, kind: str, attribute: str, value: str, k: int) -> dict[str, Any]:
+        """A query term (coop_embed): no image to batch, one numpy / faiss search."""
+        hits = await self._run("term", self.service.term_search, kind, attribute, value, k)
+        return {"version": self.version, "results": [hits]}
 
     async def latent(self, queries: list[dict[str, Any]]) -> dict[str, Any]:
         return await self._answer(self._latent(q) for q in queries)
@@ -97,11 +102,19 @@ class ModelServer:
         return await self._run("compare", self.service.compare, pairs)
 
     @serve.batch(**DEFAULT_BATCH)
-    async def _search(self, items: list[tuple[np.ndarray, int]]) -> list[list[dict[str, Any]]]:
+    async def _search(self, items: list[tuple[np.ndarray, int, str | None]]) -> list[list[dict[str, Any]]]:
         self._observe("search", len(items))
-        k = max(k for _, k in items)  # one search at the largest k; each item keeps its own k
-        hits = await self._run("search", self.service.search, [x for x, _ in items], k)
-        return [h[:ki] for h, (_, ki) in zip(hits, items)]
+
+        def run() -> list[list[dict[str, Any]]]:
+            out: list[list[dict[str, Any]]] = [[] for _ in items]
+            for sub in {s for _, _, s in items}:  # one search per space, at its largest k
+                idx = [i for i, it in enumerate(items) if it[2] == sub]
+                hits = self.service.search([items[i][0] for i in idx], max(items[i][1] for i in idx), sub)
+                for i, h in zip(idx, hits):
+                    out[i] = h[:items[i][1]]
+            return out
+
+        return await self._run("search", run)
 
     @serve.batch(**DEFAULT_BATCH)
     async def _latent(self, queries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from serve.schemas import RequestError, parse_named_values, parse_vector
+from serve.schemas import RequestError, parse_choice, parse_named_values, parse_vector
 
 
 def need_images(images: list[np.ndarray]) -> list[np.ndarray]:
@@ -45,3 +45,37 @@ def latent_queries(req: Any, info: dict[str, Any], k: int) -> list[dict[str, Any
         w = parse_vector(f["latent"], "latent", int(info["latent_dim"]))
         return [{**base, "latent": w.astype(np.float64), "image": None}]
     return [{**base, "image": im, "latent": None} for im in need_images(req.images)]
+
+
+def _terms(info: dict[str, Any], field: str) -> dict[str, Any]:
+    if not info.get("terms"):
+        raise RequestError(422, field, f"model {info['name']!r} has no query terms (coop_embed only; rebuild its "
+                                       "index with `attrlab index` to add them)")
+    return info["terms"]
+
+
+def term_query(fields: dict[str, Any], images: list[np.ndarray] | None = None,
+               info: dict[str, Any] | None = None) -> Any:
+    """coop_embed's term queries: {"attribute": name, "value": v} (searched in that attribute's
+    subspace) or {"category": c} (in the whole space). Without `info`: whether the request is one."""
+    is_term = fields.get("attribute") is not None or fields.get("category") is not None
+    if info is None or not is_term:
+        return is_term
+    if images:
+        raise RequestError(422, "image", "send an image or a query term (attribute / category), not both")
+    if fields.get("category") is not None:
+        terms = _terms(info, "category")
+        return "category", "", parse_choice(str(fields["category"]), "category", terms["categories"])
+    terms = _terms(info, "attribute")
+    name = parse_choice(fields["attribute"], "attribute", sorted(terms["attributes"]))
+    if fields.get("value") is None:
+        raise RequestError(422, "value", f"an attribute term needs a value; {name} has {terms['attributes'][name]}")
+    return "attribute", name, parse_choice(str(fields["value"]), "value", terms["attributes"][name])
+
+
+def subspace_of(fields: dict[str, Any], info: dict[str, Any]) -> str | None:
+    """An image searched in one attribute's subspace only ({"subspace": name}), or None."""
+    if fields.get("subspace") is None:
+        return None
+    terms = _terms(info, "subspace")
+    return parse_choice(fields["subspace"], "subspace", sorted(terms["attributes"]))

@@ -39,6 +39,7 @@ class ModelInfo:
     index_size: int = 0
     routes: list[str] = field(default_factory=list)
     latent_dim: int = 0  # latent_retrieval: the length of a `latent` query
+    terms: dict[str, Any] = field(default_factory=dict)  # coop_embed: {attributes: {name: [values]}, categories}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +98,8 @@ class Service:
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.name, self.method.name, list(self.ops), self.version, str(self.checkpoint),
-                         self.attributes(), self.index_size(), self.routes(), int(getattr(self, "latent_dim", 0)))
+                         self.attributes(), self.index_size(), self.routes(), int(getattr(self, "latent_dim", 0)),
+                         self.term_lists() if hasattr(self, "term_lists") else {})
 
     def index_size(self) -> int:
         return 0
@@ -171,6 +173,63 @@ class SearchService(Service):
             raise ShardError(f"models.{name}.index: {e}; build it with `attrlab index {run}`") from None
         if self.index_meta.get("method") not in (None, self.method.name):
             raise ShardError(f"models.{name}.index: {path} indexes a {self.index_meta['method']} run")
+        # coop_embed: attribute-value / category query terms (jobs/index.py writes them), and the
+        # gallery vectors for per-subspace search, read back from the flat index
+        self.terms = dict(np.load(path / "terms.npz")) if (path / "terms.npz").is_file() else None
+        self._vectors: np.ndarray | None = None
+
+    def term_lists(self) -> dict[str, Any]:
+        """What a term query may name: {attribute: [values]}, [categories] ({} without terms)."""
+        if self.terms is None:
+            return {}
+        t = self.terms
+        attrs = {str(a): [str(v) for v, k, b in zip(t["value"], t["kind"], t["attribute"]) if k == "attribute" and b == a]
+                 for a in t["attributes"]}
+        return {"attributes": attrs, "categories": [str(v) for v, k in zip(t["value"], t["kind"]) if k == "category"]}
+
+    def _subspace(self, attribute: str) -> slice:
+        names = [str(a) for a in self.terms["attributes"]]
+        a, b = self.terms["slices"][names.index(attribute)]
+        return slice(int(a), int(b))
+
+    def vectors(self) -> np.ndarray:
+        if self._vectors is None:  # the index holds the gallery L2-normalised per subspace
+            raw = getattr(self.index, "index", None)
+            if raw is None or not hasattr(raw, "reconstruct_n"):
+                raise ShardError(f"models.{self.name}: subspace search needs a faiss flat or hnsw index")
+            self._vectors = raw.reconstruct_n(0, int(raw.ntotal))
+        return self._vectors
+
+    def _nearest(self, q: np.ndarray, gallery: np.ndarray, k: int) -> list[dict[str, Any]]:
+        d = ((gallery - q[None]) ** 2).sum(1)  # squared L2, faiss's convention
+        top = np.argsort(d, kind="stable")[:k]
+        return [{"key": self.keys[i], "distance": float(d[i])} for i in top]
+
+    def term_search(self, kind: str, attribute: str, value: str, k: int) -> list[dict[str, Any]]:
+        """Sec. 4.2: an attribute value's term searched in that attribute's subspace (both L2-normalised),
+        or a category's term in the whole space (normalised per subspace, as the gallery)."""
+        t = self.terms
+        row = next(i for i in range(len(t["kind"]))
+                   if t["kind"][i] == kind and t["attribute"][i] == attribute and t["value"][i] == value)
+        q = t["mean"][row]
+        if kind == "category":
+            return self.search_vectors(self._normalise(q[None]), k)[0]
+        sl = self._subspace(attribute)
+        qs = q[sl] / max(float(np.linalg.norm(q[sl])), 1e-12)
+        return self._nearest(qs, self.vectors()[:, sl], k)
+
+    def search_vectors(self, q: np.ndarray, k: int) -> list[list[dict[str, Any]]]:
+        dist, ids = self.index.search(np.ascontiguousarray(q, np.float32), min(k, self.index_size()))
+        return [[{"key": self.keys[i], "distance": float(d)} for d, i in zip(dr, ir) if i >= 0]
+                for dr, ir in zip(dist, ids)]
+
+    def _normalise(self, emb: np.ndarray) -> np.ndarray:
+        from models.retrieval import l2_normalize_subspaces
+
+        norm = self.index_meta.get("normalisation", {})
+        if norm.get("kind") == "l2_per_subspace":  # queries normalised as the gallery was
+            emb = l2_normalize_subspaces(emb, [slice(a, b) for a, b in norm["blocks"]])
+        return np.ascontiguousarray(emb, np.float32)
 
     def index_size(self) -> int:
         return int(self.index.ntotal)
@@ -180,19 +239,16 @@ class SearchService(Service):
 
     @torch.no_grad()
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        from models.retrieval import l2_normalize_subspaces
-
         aug = self.cfg.data.augment
-        emb = self.method.embed(self.model, to_batch(images, aug.resize, aug.size)).cpu().numpy()
-        norm = self.index_meta.get("normalisation", {})
-        if norm.get("kind") == "l2_per_subspace":  # queries normalised as the gallery was
-            emb = l2_normalize_subspaces(emb, [slice(a, b) for a, b in norm["blocks"]])
-        return np.ascontiguousarray(emb, np.float32)
+        return self._normalise(self.method.embed(self.model, to_batch(images, aug.resize, aug.size)).cpu().numpy())
 
-    def search(self, images: list[np.ndarray], k: int) -> list[list[dict[str, Any]]]:
-        dist, ids = self.index.search(self.embed(images), min(k, self.index_size()))
-        return [[{"key": self.keys[i], "distance": float(d)} for d, i in zip(dr, ir) if i >= 0]
-                for dr, ir in zip(dist, ids)]
+    def search(self, images: list[np.ndarray], k: int, subspace: str | None = None) -> list[list[dict[str, Any]]]:
+        """Top-k of each image in the whole space, or in one attribute's subspace (coop_embed)."""
+        emb = self.embed(images)
+        if subspace is None:
+            return self.search_vectors(emb, k)
+        sl = self._subspace(subspace)
+        return [self._nearest(e[sl], self.vectors()[:, sl], min(k, self.index_size())) for e in emb]
 
 
 class LatentService(Service):

@@ -148,6 +148,44 @@ def test_search_finds_the_gallery_image_itself(server: str, tiny_attrworld: Path
     assert hits[0]["distance"] <= hits[1]["distance"] <= hits[2]["distance"]
 
 
+def test_coop_term_and_subspace_search_match_a_numpy_oracle(server: str, runs: dict[str, Path],
+                                                             tiny_attrworld: Path) -> None:
+    """Sec. 4.2's queries over HTTP: an attribute value's term in its subspace, a category's term
+    in the whole space, an image in one subspace — the same keys as a brute-force numpy ranking."""
+    from models.knn import load_saved_index
+    from models.retrieval import l2_normalize_subspaces
+
+    index_dir = runs["coop_embed"] / "index" / "gallery-flat"
+    index, keys, meta = load_saved_index(index_dir)
+    t = dict(np.load(index_dir / "terms.npz"))
+    gallery = index.index.reconstruct_n(0, index.ntotal)
+    names = [str(a) for a in t["attributes"]]
+
+    def oracle(q: np.ndarray, g: np.ndarray, k: int) -> list[str]:
+        return [keys[i] for i in np.argsort(((g - q) ** 2).sum(1), kind="stable")[:k]]
+
+    row = next(i for i in range(len(t["kind"])) if t["kind"][i] == "attribute")
+    attr, value = str(t["attribute"][row]), str(t["value"][row])
+    a, b = t["slices"][names.index(attr)]
+    q = t["mean"][row][a:b] / np.linalg.norm(t["mean"][row][a:b])
+    r = requests.post(f"{server}/v1/search/coop", json={"attribute": attr, "value": value, "k": 5}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [h["key"] for h in r.json()["results"][0]] == oracle(q, gallery[:, a:b], 5)
+
+    crow = next(i for i in range(len(t["kind"])) if t["kind"][i] == "category")
+    blocks = [slice(x, y) for x, y in meta["normalisation"]["blocks"]]
+    cq = l2_normalize_subspaces(t["mean"][crow][None], blocks)[0]
+    c = requests.post(f"{server}/v1/search/coop", json={"category": str(t["value"][crow]), "k": 5}, timeout=60)
+    assert [h["key"] for h in c.json()["results"][0]] == oracle(cq, gallery, 5)
+
+    key, data = _gallery_sample(tiny_attrworld)
+    s = requests.post(f"{server}/v1/search/coop", json={"image": _b64(data), "subspace": attr, "k": 4}, timeout=60)
+    hits = s.json()["results"][0]
+    assert hits[0]["distance"] == pytest.approx(0, abs=1e-4) and len(hits) == 4
+    info = next(m for m in requests.get(f"{server}/v1/models", timeout=30).json()["models"] if m["name"] == "coop")
+    assert set(info["terms"]["attributes"]) == set(names) and info["terms"]["categories"]
+
+
 def test_face_search_by_latent_and_by_image(server: str, runs: dict[str, Path]) -> None:
     from models.latent_index import PreferenceIndex
 
@@ -246,6 +284,11 @@ def _malformed(server: str) -> list[tuple[str, Any, int, str]]:
         ("adjust out of range", lambda: requests.post(f"{url}/v1/search/faces", json={"image": _b64(png), "adjust": {"smile": 3}}), 422, "adjust"),
         ("negative preference", lambda: requests.post(f"{url}/v1/search/faces", json={"image": _b64(png), "prefer": {"smile": -1}}), 422, "prefer"),
         ("image and latent", lambda: requests.post(f"{url}/v1/search/faces", json={"image": _b64(png), "latent": [0.0]}), 422, "latent"),
+        ("unknown term attribute", lambda: requests.post(f"{url}/v1/search/coop", json={"attribute": "wings", "value": "1"}), 422, "attribute"),
+        ("term without value", lambda: requests.post(f"{url}/v1/search/coop", json={"attribute": "smile"}), 422, "value"),
+        ("unknown category", lambda: requests.post(f"{url}/v1/search/coop", json={"category": "no-such"}), 422, "category"),
+        ("image and term", lambda: requests.post(f"{url}/v1/search/coop", json={"image": _b64(png), "category": "x"}), 422, "image"),
+        ("unknown subspace", lambda: requests.post(f"{url}/v1/search/coop", json={"image": _b64(png), "subspace": "wings"}), 422, "subspace"),
         ("unknown route", lambda: requests.get(f"{url}/v1/nothing"), 404, "path"),
         ("wrong method", lambda: requests.get(f"{url}/v1/rank/stn"), 405, "method"),
     ]
