@@ -60,6 +60,7 @@ class Limits:
     max_images: int = 32               # images (or pairs) in one request
     max_k: int = 100
     max_steps: int = 16                # translation strip length
+    max_total_pixels: int = 64_000_000  # decoded pixels in one request (~190 MB of RGB)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Limits":
@@ -173,9 +174,17 @@ def _check_counts(images: int, pairs: int, limits: Limits) -> None:
 
 def _decode(images: list[_Slot], pairs: list[tuple[_Slot, _Slot]], fields: dict[str, Any],
             limits: Limits) -> ParsedRequest:
+    total = 0
+
     def one(slot: _Slot) -> np.ndarray:
+        nonlocal total
         name, v = slot
-        return decode_image(v, name, limits) if isinstance(v, bytes) else decode_b64_image(v, name, limits)
+        img = decode_image(v, name, limits) if isinstance(v, bytes) else decode_b64_image(v, name, limits)
+        total += img.shape[0] * img.shape[1]
+        if total > limits.max_total_pixels:  # each image is within its own limit; together they are not
+            raise RequestError(413, name, f"the request's images exceed {limits.max_total_pixels} pixels in all; "
+                                          "send fewer or smaller images")
+        return img
     return ParsedRequest([one(s) for s in images], [(one(a), one(b)) for a, b in pairs], fields)
 
 

@@ -352,3 +352,26 @@ def test_limits_from_dict_and_error_body() -> None:
             Limits.from_dict(bad)
     assert RequestError(413, "image", "too big").body() == {
         "error": {"status": 413, "field": "image", "message": "too big"}}
+
+
+def test_the_pixels_of_all_images_together_are_capped() -> None:
+    from fastapi import FastAPI, Request
+    from starlette.testclient import TestClient
+
+    from serve.schemas import Limits, install_handlers, read_request
+
+    app = FastAPI()
+    install_handlers(app)
+    limits = Limits(max_total_pixels=3 * 32 * 32)
+
+    @app.post("/p")
+    async def p(request: Request) -> dict:
+        return {"n": len((await read_request(request, limits)).images)}
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(buf, format="PNG")
+    one = base64.b64encode(buf.getvalue()).decode()
+    client = TestClient(app)
+    assert client.post("/p", json={"images": [one] * 3}).json() == {"n": 3}
+    r = client.post("/p", json={"images": [one] * 4})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "images[3]"
