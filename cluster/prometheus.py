@@ -172,6 +172,7 @@ def start_prometheus(config: Path, data_dir: Path, port: int = 0,
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = PrometheusProcess(proc, url, log)
     deadline = time.monotonic() + timeout
+    last: OSError | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise PrometheusError(f"prometheus exited with code {proc.returncode} on start "
@@ -180,12 +181,12 @@ def start_prometheus(config: Path, data_dir: Path, port: int = 0,
             with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
                 if r.status == 200:
                     return server
-        except OSError:
-            pass  # not listening yet, or 503 while the TSDB loads
+        except OSError as e:  # not listening yet, or 503 while the TSDB loads
+            last = e
         time.sleep(0.2)
     server.stop()
-    raise PrometheusError(f"prometheus at {url} not ready after {timeout:.0f} s "
-                          f"(log {log}):\n{server.log_tail()}")
+    raise PrometheusError(f"prometheus at {url} not ready after {timeout:.0f} s (last answer: {last}; "
+                          f"log {log}):\n{server.log_tail()}")
 
 
 def query(url: str, promql: str, timeout: float = 10.0) -> list[dict[str, Any]]:
