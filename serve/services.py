@@ -16,6 +16,7 @@ loader does (shards/augment.py: square resize, then the centre crop the model wa
 """
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -178,14 +179,18 @@ class SearchService(Service):
         self.terms = dict(np.load(path / "terms.npz")) if (path / "terms.npz").is_file() else None
         self._vectors: np.ndarray | None = None
 
-    def term_lists(self) -> dict[str, Any]:
-        """What a term query may name: {attribute: [values]}, [categories] ({} without terms)."""
+    @functools.cached_property
+    def _term_lists(self) -> dict[str, Any]:
         if self.terms is None:
             return {}
         t = self.terms
         attrs = {str(a): [str(v) for v, k, b in zip(t["value"], t["kind"], t["attribute"]) if k == "attribute" and b == a]
                  for a in t["attributes"]}
         return {"attributes": attrs, "categories": [str(v) for v, k in zip(t["value"], t["kind"]) if k == "category"]}
+
+    def term_lists(self) -> dict[str, Any]:
+        """What a term query may name: {attributes: {name: [values]}, categories: [...]} ({} without terms)."""
+        return self._term_lists
 
     def _subspace(self, attribute: str) -> slice:
         names = [str(a) for a in self.terms["attributes"]]
