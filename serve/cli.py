@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -126,9 +127,18 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not local or a.detach:
         return 0
     print(f"attrlab: serving on http://{host}:{port} (docs: /docs); Ctrl-C stops", file=sys.stderr)
+    # Ctrl-C, and SIGTERM from a process manager, shut Serve down cleanly (a background job of a
+    # non-interactive shell starts with SIGINT ignored: restore it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        print("attrlab: Serve shut down", file=sys.stderr)
         return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
