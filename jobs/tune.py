@@ -23,6 +23,7 @@ SWEEP_DIR holds
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,6 +35,7 @@ from typing import Any
 
 from jobs import config as configlib
 from jobs.config import ConfigError
+from jobs.schema import TrackingSection
 from jobs.tune_space import SPACE_DIR, Space, load_space, override
 from shards.format import ShardError, read_manifest
 
@@ -188,8 +190,8 @@ def _trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     config = Path(sweep["config"]) if sweep["config"] else None
     cfg = load_run_config(method.name, config, sweep["sets"] + [override(k, v) for k, v in params.items()])
     cfg = absolute_paths(cfg, method.path_fields)
-    cfg = configlib.build(type(cfg), {**configlib.to_dict(cfg), "tracking": {
-        "enabled": bool(sweep["tracking"]), "uri": sweep["tracking"], "experiment": sweep["experiment"]}})
+    cfg = dataclasses.replace(cfg, tracking=TrackingSection(enabled=bool(sweep["tracking"]), uri=sweep["tracking"],
+                                                            experiment=sweep["experiment"]))
     prepare_run_dir(run_dir, method.name, cfg, Path(sweep["data"]))
     (run_dir / PARAMS_FILE).write_text(json.dumps({"trial_id": trial_id, "params": params}, indent=1))
     start_tracking(run_dir, method.name, cfg, respect_env=False, run_name=trial_id, tags={

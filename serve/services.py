@@ -69,6 +69,10 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+ROUTE_OF_OP = {"rank": "/v1/rank/{name}", "compare": "/v1/rank/{name}/compare", "search": "/v1/search/{name}",
+               "latent": "/v1/search/{name}", "translate": "/v1/translate/{name}"}
+
+
 class Service:
     kind = ""
     methods: tuple[str, ...] = ()
@@ -99,14 +103,19 @@ class Service:
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.name, self.method.name, list(self.ops), self.version, str(self.checkpoint),
-                         self.attributes(), self.index_size(), self.routes(), int(getattr(self, "latent_dim", 0)),
-                         self.term_lists() if hasattr(self, "term_lists") else {})
+                         self.attributes(), self.index_size(), self.routes(), int(self.latent_dim), self.term_lists())
+
+    latent_dim = 0  # LatentService: the length of a `latent` query
+
+    def term_lists(self) -> dict[str, Any]:
+        return {}  # SearchService: what a query term may name
 
     def index_size(self) -> int:
-        return 0
+        index = getattr(self, "index", None)
+        return int(index.ntotal) if index is not None else 0
 
     def routes(self) -> list[str]:
-        return []
+        return [ROUTE_OF_OP[op].format(name=self.name) for op in self.ops]
 
 
 class RankService(Service):
@@ -122,9 +131,6 @@ class RankService(Service):
         from models.stn_ranker import StnRanker
 
         return unwrap(self.model, StnRanker)
-
-    def routes(self) -> list[str]:
-        return [f"/v1/rank/{self.name}", f"/v1/rank/{self.name}/compare"]
 
     def _images(self, images: list[np.ndarray]) -> torch.Tensor:
         aug = self.cfg.data.augment
@@ -236,12 +242,6 @@ class SearchService(Service):
             emb = l2_normalize_subspaces(emb, [slice(a, b) for a, b in norm["blocks"]])
         return np.ascontiguousarray(emb, np.float32)
 
-    def index_size(self) -> int:
-        return int(self.index.ntotal)
-
-    def routes(self) -> list[str]:
-        return [f"/v1/search/{self.name}"]
-
     @torch.no_grad()
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         aug = self.cfg.data.augment
@@ -283,12 +283,6 @@ class LatentService(Service):
     def latent_dim(self) -> int:
         return int(self.index.dim)
 
-    def index_size(self) -> int:
-        return int(self.index.ntotal)
-
-    def routes(self) -> list[str]:
-        return [f"/v1/search/{self.name}"]
-
     @torch.no_grad()
     def encode(self, images: list[np.ndarray]) -> np.ndarray:
         size = self.cfg.model.image_size
@@ -319,9 +313,6 @@ class TranslateService(Service):
 
         return unwrap(self.model, Trip)
 
-    def routes(self) -> list[str]:
-        return [f"/v1/translate/{self.name}"]
-
     @torch.no_grad()
     def translate(self, images: list[np.ndarray], v: np.ndarray, steps: int = 1) -> list[bytes]:
         """v [B, K] in [-1, 1]; steps > 1: a horizontal strip of G(x, t v), t from -1 to 1."""
@@ -341,8 +332,6 @@ class TripService(TranslateService, RankService):
 
     kind, methods, ops = "translate", ("trip",), ("translate", "compare")
 
-    def routes(self) -> list[str]:
-        return [f"/v1/translate/{self.name}", f"/v1/rank/{self.name}/compare"]
 
 
 SERVICE_OF_METHOD: dict[str, type[Service]] = {"stn_ranker": RankService, "coop_embed": SearchService,
