@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +30,9 @@ from shards.format import ShardError, read_manifest, read_meta
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # keys that may change between a run and its resumption (more steps, other hardware)
-RESUMABLE_CHANGES = ("schedule.max_steps", "scaling.", "eval.", "checkpoint.fail_at_step", "data.path", "tracking.")
+RESUMABLE_CHANGES = ("schedule.max_steps", "scaling.", "eval.", "checkpoint.fail_at_step", "checkpoint.min_free_mb",
+                     "checkpoint.max_failures",
+                     "data.path", "tracking.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,10 +69,18 @@ def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
                              f"{manifest['checksum']}; use a new --out")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ShardError(f"--out {run_dir}: exists and is not an attrlab run directory; choose a new one")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    configlib.dump(cfg, saved)
-    (run_dir / "run.json").write_text(json.dumps({"method": method, "data": str(data.resolve()),
-                                                  "manifest_checksum": manifest["checksum"]}, indent=1))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=run_dir, suffix=".tmp", delete=False) as tmp:
+            configlib.dump(cfg, Path(tmp.name))  # to a temp file first: a failed write keeps the old one
+        os.replace(tmp.name, saved)
+        (run_dir / "run.json").write_text(json.dumps({"method": method, "data": str(data.resolve()),
+                                                      "manifest_checksum": manifest["checksum"]}, indent=1))
+    except OSError as e:
+        from jobs.checkpoints import previous_note
+
+        raise ShardError(f"--out {run_dir}: cannot write there ({e.strerror}); fix its permissions or free space, "
+                         f"or choose another --out; {previous_note(run_dir)}") from None
 
 
 def add_parsers(sub: Any) -> None:
@@ -207,7 +218,27 @@ def ray_worker_entry(config: dict[str, Any]) -> None:
 
     job = TrainJob(**config["job"])
     meta = json.loads((Path(job.data) / "meta.json").read_text())
-    run_loop(job, RayReporter(Path(job.run_dir), meta, config["keep"]))
+    record_workers(Path(job.run_dir))
+    storage = job.cfg_dict.get("scaling", {}).get("storage_path", "")
+    run_loop(job, RayReporter(Path(job.run_dir), meta, config["keep"], storage))
+
+
+def record_workers(run_dir: Path) -> None:
+    """Append where each rank of this attempt runs (Ray node id, IP, pid) to RUN_DIR/workers.jsonl:
+    which nodes took part, and how often the group was restarted after a failure."""
+    import time
+
+    import ray
+    import torch.distributed as dist
+
+    ctx = ray.get_runtime_context()
+    me = {"rank": dist.get_rank(), "node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+          "pid": os.getpid()}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    if me["rank"] == 0:
+        with open(run_dir / "workers.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), "ranks": everyone}) + "\n")
 
 
 def make_trainer(job: Any, cfg: Any, *, callbacks: tuple[Any, ...] = (), score: tuple[str, str] | None = None) -> Any:
@@ -228,7 +259,8 @@ def make_trainer(job: Any, cfg: Any, *, callbacks: tuple[Any, ...] = (), score: 
     return TorchTrainer(
         ray_worker_entry,
         train_loop_config={"job": job.__dict__, "keep": cfg.checkpoint.keep},
-        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=gpu, resources_per_worker=resources,
+                                     placement_strategy=s.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(name=run_dir.name, storage_path=storage, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
@@ -237,12 +269,34 @@ def make_trainer(job: Any, cfg: Any, *, callbacks: tuple[Any, ...] = (), score: 
 
 
 def run_ray(job: Any, cfg: Any) -> dict[str, float]:
-    import ray
+    from ray.train import TrainingFailedError
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    result = make_trainer(job, cfg).fit()
+    from cluster.connect import connect
+
+    connect(log_to_driver=True)
+    try:
+        result = make_trainer(job, cfg).fit()
+    except TrainingFailedError as e:
+        raise user_error(e) or e from None
     return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def user_error(e: BaseException) -> ShardError | None:
+    """The user-fixable error (a full checkpoint disk, a bad shard) behind Ray's TrainingFailedError,
+    so the CLI prints its one line instead of Ray's traceback; None when there is none."""
+    from ray.exceptions import RayError
+
+    seen: set[int] = set()
+    todo: list[Any] = [e, *getattr(e, "worker_failures", {}).values(), getattr(e, "controller_failure", None)]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ShardError) and not isinstance(x, RayError):  # RayTaskError(ShardError): its .cause
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ Both paths return numpy arrays sorted by sample key, so their results compare ro
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,10 +42,9 @@ def ensure_ray(workers: int, address: str | None = None) -> None:
     """For the CLI: workers > 0 needs Ray; connect to `address` / RAY_ADDRESS, or start a local Ray."""
     if workers <= 0:
         return
-    import ray
+    from cluster.connect import connect
 
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+    connect(address)
 
 
 def _sorted(out: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:

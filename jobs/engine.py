@@ -154,9 +154,35 @@ class Engines:
 
         if self.use_ds:
             for name, eng in self.engines.items():
+                check_pickles(os.path.join(directory, f"ds_{name}"))
                 eng.load_checkpoint(directory, tag=f"ds_{name}")
             return
         state = torch.load(os.path.join(directory, "trainer.pt"), map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         for n, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][n])
+
+
+# What DeepSpeed's own checkpoint files may reference beyond tensors and builtins (ZeRO 0-3, fp32 /
+# bf16 / fp16 here): DeepSpeed loads them with torch.load(weights_only=False), which would run any
+# other pickled callable, so a tampered run directory is refused before DeepSpeed opens it.
+DEEPSPEED_GLOBALS = frozenset({
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+})
+
+
+def check_pickles(directory: str) -> None:
+    """Refuse a DeepSpeed checkpoint whose pickles name anything outside DEEPSPEED_GLOBALS
+    (read without unpickling: torch.serialization.get_unsafe_globals_in_checkpoint)."""
+    from pathlib import Path
+
+    from shards.format import ShardError
+
+    for f in sorted(Path(directory).glob("*.pt")):
+        bad = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) - DEEPSPEED_GLOBALS)
+        if bad:
+            raise ShardError(f"{f}: refusing to load a checkpoint that references {', '.join(bad[:3])}; "
+                             "it was not written by attrlab (or was modified): train into a new --out")

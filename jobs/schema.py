@@ -55,6 +55,8 @@ class ScalingSection:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     storage_path: str = ""  # shared filesystem path or object-store URI for multi-node runs
+    # Ray placement of the workers: PACK fills a node first; SPREAD / STRICT_SPREAD one per node
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,8 @@ class CheckpointSection:
     every_steps: int = 200
     keep: int = 2
     max_failures: int = 1
-    fail_at_step: int = -1  # fault injection: rank 0 raises once at this step (tests, drills)
+    fail_at_step: int = -1  # fault injection (tests, drills): rank 0 dies once at this step (a Ray worker: SIGKILL)
+    min_free_mb: float = 0.0  # refuse a checkpoint that would leave less free space than this on its storage
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,12 @@ Ray and DeepSpeed are thin layers: `ray_worker_entry` is the TorchTrainer's per-
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,7 +39,7 @@ class TrainJob:
 
 
 class FaultInjected(RuntimeError):
-    """Raised once at checkpoint.fail_at_step to prove the run survives a worker failure."""
+    """Raised once at checkpoint.fail_at_step by the in-process loop (Ray workers are killed instead)."""
 
 
 def rank_world() -> tuple[int, int]:
@@ -194,15 +193,18 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
     t0, seen = time.perf_counter(), 0
     ga = cfg.schedule.grad_accum
     step = start
+    skipped_here, skipped = 0, 0  # corrupt samples this rank skipped since the last log; all ranks' total
     while step < cfg.schedule.max_steps:
         if step == cfg.checkpoint.fail_at_step and rank == 0 and reporter.inject_fault_once():
-            raise FaultInjected(f"fault injected at step {step} (checkpoint.fail_at_step)")
+            reporter.fail(f"fault injected at step {step} (checkpoint.fail_at_step)")
         lr = engines.set_lr(step)
         info.step, info.logs = step, {}
         losses: dict[str, float] = {}
         for _ in range(ga):
             batch = next(batches)
             seen += micro
+            if isinstance(batch.get("skipped"), torch.Tensor):
+                skipped_here += int(batch["skipped"].sum())
             out = method.step(engines.module, batch, cfg.model, info)
             for name, loss in out.items():
                 if not torch.isfinite(loss):
@@ -212,15 +214,19 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
                 losses[name] = losses.get(name, 0.0) + float(loss.detach()) / ga
             engines.end_micro_step()
         step += 1
-        if rank == 0 and (step % cfg.schedule.log_every == 0 or step == cfg.schedule.max_steps):
+        last = step == cfg.schedule.max_steps
+        if step % cfg.schedule.log_every == 0 or last:
+            skipped += checkpoints.sum_over_ranks(skipped_here)  # a collective: every rank logs at the same steps
+            skipped_here = 0
+        if rank == 0 and (step % cfg.schedule.log_every == 0 or last):
             dt = time.perf_counter() - t0
             reporter.log({"step": step, "lr": lr, **{f"loss/{k}": v for k, v in losses.items()}, **info.logs,
-                          "samples_per_s": seen * world / max(dt, 1e-9)})
+                          "samples_per_s": seen * world / max(dt, 1e-9), "data/skipped": skipped})
             t0, seen = time.perf_counter(), 0
-        last = step == cfg.schedule.max_steps
         if step % cfg.eval.every_steps == 0 or last:
             metrics = {f"val/{k}": v for k, v in
                        evaluate_rank0(method, engines.module, cfg, job.data, cfg.data.val_split, meta).items()}
+            metrics["data/skipped"] = skipped  # corrupt samples skipped by this attempt (since start or resume)
             if rank == 0:
                 reporter.log({"step": step, **metrics})
                 if method.snapshot is not None:

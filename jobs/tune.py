@@ -223,13 +223,13 @@ def _callbacks(sweep: dict[str, Any]) -> list[Any]:
 
 def run_sweep(sweep: dict[str, Any], space: Space, a: argparse.Namespace) -> dict[str, str]:
     """Run (or resume) the sweep; returns trial id -> Tune status."""
-    import ray
     from ray import tune
 
     from jobs import tracking
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False)
+    from cluster.connect import connect
+
+    connect()
     concurrent = check_resources(sweep, a.max_concurrent)
     check_sweep_dir(Path(sweep["sweep_dir"]), sweep, write=True)  # only once it can run
     if sweep["tracking"]:  # create the store once here, not racing from concurrent trials

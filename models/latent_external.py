@@ -50,7 +50,11 @@ def _read_latents(path: Path) -> np.ndarray | dict[str, np.ndarray]:
         except ValueError as e:
             raise ShardError(f"--latents {path}: not a plain numeric .npy array ({e})") from None
     if path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 — a pickle with code in it, or not a torch file at all
+            raise ShardError(f"--latents {path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); save a tensor or a {{name: tensor}} dict") from None
         if isinstance(obj, torch.Tensor):
             return obj.float().numpy()
         if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -110,6 +110,12 @@ def inception_fid(weights: str, real: torch.Tensor, fake: torch.Tensor) -> float
                          f"pip install 'attrlab[fid]'") from None
     if not Path(weights).is_file():
         raise ShardError(f"model.inception_weights {weights}: not found (a local FID Inception weights file)")
+    try:  # read it here with weights_only=True, whatever the third-party loader below defaults to
+        torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 — any unreadable file is the user's to fix
+        raise ShardError(f"model.inception_weights {weights}: cannot be read as torch weights with weights_only=True "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use torch-fidelity's "
+                         "pt_inception state_dict") from None
     fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=weights)
     fid.update(real, real=True)
     fid.update(fake, real=False)

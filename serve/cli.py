@@ -64,18 +64,9 @@ def load_config(path: Path) -> Any:
 
 def _connect(address: str | None) -> bool:
     """Connect to the cluster; returns True when this process started a local Ray."""
-    import os
+    from cluster.connect import connect
 
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, namespace="serve", log_to_driver=False)
-        return False
-    ray.init(namespace="serve", log_to_driver=False)
-    return True
+    return connect(address, namespace="serve")
 
 
 def deploy(schema: Any, timeout: float) -> dict[str, str]:

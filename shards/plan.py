@@ -38,13 +38,39 @@ def fingerprint_of(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def is_inside(root: Path, path: Path) -> bool:
+    """Whether the resolved `path` is `root` or lies under it (both already resolved)."""
+    return path == root or root in path.parents
+
+
 def safe_join(root: Path, rel: str, what: str = "path") -> Path:
-    """Join `rel` under `root`, refusing absolute paths and '..' escapes (importer security)."""
+    """root/rel resolved: the one path check of every importer (annotation and list files name
+    images relative to a source folder). Refuses an absolute `rel`, and any `rel` that leaves
+    `root` through '..' or through a symlink, with one line naming `what` (file:line) and the fix."""
     root = Path(root).resolve()
-    p = (root / rel).resolve()
-    if p != root and root not in p.parents:
-        raise ShardError(f"{what} {rel!r} escapes {root}; refusing to read outside the source directory")
+    text = str(rel)
+    fix = "name files relative to that folder and keep them inside it (copy them in rather than linking)"
+    if "\0" in text:
+        raise ShardError(f"{what} {text!r}: contains a NUL byte; fix the entry")
+    if Path(text).is_absolute():
+        raise ShardError(f"{what} {text!r} escapes {root} (an absolute path); {fix}")
+    try:
+        p = (root / text).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise ShardError(f"{what} {text!r}: cannot be resolved under {root} ({e}); {fix}") from None
+    if not is_inside(root, p):
+        how = "'..'" if ".." in Path(text).parts else "a symlink"
+        raise ShardError(f"{what} {text!r} escapes {root} (through {how}, to {p}); {fix}")
     return p
+
+
+def plain_name(name: str, what: str) -> str:
+    """`name` when it is one plain file name, safe to join under an output directory or to use as
+    a tar member name: no '/' or '\\', not '', '.' or '..', no NUL. Else a ShardError naming it."""
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ShardError(f"{what} {name!r}: not a plain file name (no '/', '\\', '..' or NUL); "
+                         "refusing to write outside the output directory")
+    return name
 
 
 def image_ext_of(data: bytes, where: str) -> str:

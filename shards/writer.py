@@ -21,9 +21,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from shards.format import (FORMAT_VERSION, MANIFEST_FILE, META_FILE, PAIRS_FILE, Pair, Sample, ShardError,
+from shards.format import (FORMAT_VERSION, KEY_RE, MANIFEST_FILE, META_FILE, PAIRS_FILE, Pair, Sample, ShardError,
                            check_pair, check_sample, write_pairs)
-from shards.plan import DatasetPlan, Spec, fingerprint_of
+from shards.plan import DatasetPlan, Spec, fingerprint_of, plain_name
 from shards.tario import DeterministicTarWriter, read_at, sha256_file
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ INDEX_HEADER = "key\tshard\toffset\tsize\text\tjson_offset\tjson_size\n"
 
 
 def shard_name(split: str, n: int, kind: str = "samples") -> str:
-    return f"{split}-{n:06d}.tar" if kind == "samples" else f"pairs-{split}-{n:06d}.tar"
+    """A shard's file name; never a path (the split name comes from the plan's metadata)."""
+    name = f"{split}-{n:06d}.tar" if kind == "samples" else f"pairs-{split}-{n:06d}.tar"
+    return plain_name(name, f"split {split!r}: shard name")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -85,7 +87,8 @@ def _write_sample_shard(out: Path, name: str, specs: list[Spec], load: Callable[
             label = json.dumps(s.label_json(), sort_keys=True).encode()
             loc = {}
             for member, data in sorted([(f"{s.key}.{s.ext}", s.image), (f"{s.key}.json", label)]):
-                loc[member] = w.add(member, data)  # members sorted by name: key, then extension
+                # members sorted by name: key, then extension; a member name is never a path
+                loc[member] = w.add(plain_name(member, f"sample {s.key!r}: tar member"), data)
             (off, size), (joff, jsize) = loc[f"{s.key}.{s.ext}"], loc[f"{s.key}.json"]
             index.append([s.key, name, off, size, s.ext, joff, jsize])
         w.close()
@@ -125,6 +128,8 @@ def _checked_specs(split: str, specs: Iterable[Spec], seen: dict[str, str]) -> I
         key = spec.get("key")
         if not isinstance(key, str):
             raise ShardError(f"split {split!r}: a spec has no string 'key' ({dict(spec)!r:.120})")
+        if not KEY_RE.match(key):  # keys name tar members: never '/', '..' or anything but [A-Za-z0-9_-]
+            raise ShardError(f"split {split!r}: sample key {key!r} may hold only letters, digits, '_' and '-'")
         if spec.get("split") != split:
             raise ShardError(f"sample {key!r}: spec split {spec.get('split')!r} listed under split {split!r}")
         if key in seen:
@@ -168,6 +173,10 @@ def write_dataset(plan: DatasetPlan, out: Path, *, shard_size: int = 1000, pair_
 
     if shard_size < 1:
         raise ShardError(f"--shard-size {shard_size}: must be >= 1")
+    for name in plan.extra_files:  # every file lands directly in `out`, checked before anything is written
+        plain_name(name, "extra file")
+    for split in plan.meta.splits:  # split names become shard and index file names
+        plain_name(split, "split name")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
         raise ShardError(f"--out {out}: exists, is not empty and is not an attrlab shard directory; "

@@ -12,16 +12,27 @@ os.environ.setdefault("ATTRLAB_TRACKING", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[object]:
+def ray_cluster() -> Iterator[object]:
+    """Two Ray nodes on this machine (Ray's own cluster test utility): a head and a second raylet,
+    2 logical CPUs each, so every Ray test runs multi-node; workers and replicas take fractional CPUs."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    # 4 logical CPUs on a 2-core box: workers and replicas take fractional CPUs.
     # Token auth stays at Ray's default for this test cluster (loopback only, torn down after).
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                   runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
-    yield ctx
+    node = {"num_cpus": 2, "object_store_memory": 200 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+    cluster.add_node(**node)
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster: object) -> Iterator[object]:
+    """The shared Ray session (connected to the two-node ray_cluster)."""
+    yield ray_cluster
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ Modules are imported lazily so that scipy-based readers cost nothing when unused
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -60,4 +61,28 @@ def plan_import(name: str, src: Path, opts: ImportOptions) -> DatasetPlan:
     unknown = set(opts.options) - set(module.KNOWN_OPTIONS)
     if unknown:
         raise ShardError(f"--opt {sorted(unknown)[0]}: not an option of {name}; known: {list(module.KNOWN_OPTIONS)}")
-    return module.plan(src, opts)
+    plan = module.plan(src, opts)
+    check_inside_src(plan, src)
+    return plan
+
+
+def check_inside_src(plan: DatasetPlan, src: Path) -> None:
+    """Every image the plan will read lies inside --src. Each importer already joins its paths
+    with `shards.plan.safe_join` (naming the file and line); this guards the importers as a whole.
+    Plain os.path on strings, each folder resolved once (~7 us an image, ~1.5 s for CelebA)."""
+    root = os.path.realpath(src)
+    prefix = os.path.join(root, "")
+    folders: dict[str, str] = {}
+    for specs in plan.splits.values():
+        if not isinstance(specs, (list, tuple)):  # a lazy stream is not consumed here
+            continue
+        for spec in specs:
+            path = str(spec["path"])
+            folder, name = os.path.split(path)
+            if name in ("", ".", "..") or os.path.islink(path):
+                real = os.path.realpath(path)
+            else:
+                real = os.path.join(folders.get(folder) or folders.setdefault(folder, os.path.realpath(folder)), name)
+            if not real.startswith(prefix):
+                raise ShardError(f"sample {spec['key']!r}: image {path} resolves to {real}, outside --src {root}; "
+                                 "keep the images inside --src (copy them in rather than linking)")

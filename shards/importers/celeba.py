@@ -149,6 +149,7 @@ def plan(src: Path, opts: ImportOptions) -> DatasetPlan:
     boxes = read_columns(p_box, 5, skip=2) if wild else {}
     images = image_dir(src, (f"{folder}/{folder}", folder, f"Img/{folder}"))
     present = set(os.listdir(images))
+    line_of = {row[0]: n for n, row in _lines(p_part)}  # for errors naming the partition file's line
 
     splits: dict[str, list[dict[str, Any]]] = {}
     for fname, (code,) in parts.items():
@@ -156,7 +157,7 @@ def plan(src: Path, opts: ImportOptions) -> DatasetPlan:
         split = SPLIT_CODES.get(code)
         if split is None:
             raise ShardError(f"{p_part}: image {fname!r} has partition {code!r}; expected 0, 1 or 2")
-        path = safe_join(images, fname, what=f"{p_part}: image")
+        path = safe_join(images, fname, what=f"{p_part}:{line_of.get(fname, '?')}: image")
         if fname not in present:
             raise ShardError(f"{path}: missing ({where}); unpack all of {folder} into --src")
         values = lookup(attrs, fname, p_attr, where)

@@ -151,7 +151,7 @@ def path_keys(rels: Iterable[str]) -> dict[str, str]:
 
 def image_file(src: Path, rel: str, where: str, base: str = "") -> Path:
     """src/base/rel, refusing paths that leave src/base (e.g. '../x.jpg'), and checking it exists."""
-    p = safe_join(safe_join(src, base) if base else src, rel, f"{where}: image path")
+    p = safe_join(safe_join(src, base, "image folder") if base else src, rel, f"{where}: image path")
     if not p.is_file():
         raise ShardError(f"{where}: image {rel!r} not found at {p}; are the images extracted under --src?")
     return p

@@ -233,7 +233,7 @@ def _read_pairs(path: Path, attr: str, split: str, images: Path) -> tuple[list[R
 
 def plan(src: Path, opts: ImportOptions) -> DatasetPlan:
     root = dataset_root(Path(src), "annotations", ("LFW10", "LFW-10"))
-    ann, images = root / "annotations", root / "images"
+    ann, images = root / "annotations", safe_join(root, "images", "image folder")
     if not images.is_dir():
         raise ShardError(f"{images}: missing; --src must hold LFW-10's images/ and annotations/ folders")
     policy = overlap_policy(opts)

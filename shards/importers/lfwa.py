@@ -91,8 +91,9 @@ def plan(src: Path, opts: ImportOptions) -> DatasetPlan:
     if not np.isin(labels, (-1, 0, 1)).all():
         raise ShardError(f"{p_att}: label values must be 0/1 (or -1/1)")
     img_opt = opts.options.get("images")
-    images = safe_join(root, img_opt) if img_opt else next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), None)
-    if images is None or not images.is_dir():
+    images = safe_join(root, img_opt or next((d for d in IMAGE_DIRS if (root / d).is_dir()), IMAGE_DIRS[0]),
+                       "--opt images (the image folder)" if img_opt else "image folder")
+    if not images.is_dir():
         raise ShardError(f"{root}: no image folder ({img_opt or ' or '.join(IMAGE_DIRS)}); unpack LFW there "
                          f"or name the folder with --opt images=DIR")
 

@@ -53,6 +53,8 @@ def plan(src: Path, opts: ImportOptions) -> DatasetPlan:
     clash = train_classes & {r[2] for r in rows["test"]}
     if clash:
         raise ShardError(f"Ebay_train.txt and Ebay_test.txt share class_id {min(clash)}; the zero-shot split needs disjoint classes")
+    # every path checked first (inside --src, present), before anything is derived from it
+    paths = {rel: image_file(src, rel, where) for split in rows for where, _, _, _, rel in rows[split]}
     supers: dict[int, tuple[str, str]] = {}
     for where, _, _, sup, rel in rows["train"] + rows["test"]:
         name = rel.split("/")[0].removesuffix("_final") if "/" in rel else f"super_class_{sup}"
@@ -66,7 +68,7 @@ def plan(src: Path, opts: ImportOptions) -> DatasetPlan:
     for split, items in rows.items():
         for where, image_id, cls, sup, rel in items:
             s = "val" if split == "train" and str(cls) in val else split
-            specs.append(make_spec(keys[rel], image_file(src, rel, where), s, opts, instance=str(cls), category=sup - 1,
+            specs.append(make_spec(keys[rel], paths[rel], s, opts, instance=str(cls), category=sup - 1,
                                    extra={"path": rel, "class_id": cls, "image_id": image_id}))
     return make_plan("sop", specs, [], [supers[i][0] for i in sorted(supers)], opts,
                      description="Stanford Online Products", source=SOURCE,

@@ -74,8 +74,9 @@ def plan(src: Path, opts: ImportOptions) -> DatasetPlan:
     split_index = int_opt(opts, "split_index", 1, 1, 10)
     policy = overlap_policy(opts)
     img_opt = opts.options.get("images")
-    images = safe_join(root, img_opt) if img_opt else next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), None)
-    if images is None or not images.is_dir():
+    images = safe_join(root, img_opt or next((d for d in IMAGE_DIRS if (root / d).is_dir()), IMAGE_DIRS[0]),
+                       "--opt images (the image folder)" if img_opt else "image folder")
+    if not images.is_dir():
         raise ShardError(f"{root}: no image folder ({img_opt or ' or '.join(IMAGE_DIRS)}); unpack the "
                          f"UT-Zap50K images there or name the folder with --opt images=DIR")
 
