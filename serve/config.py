@@ -16,6 +16,13 @@
             autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
             ray_actor_options: {num_cpus: 0.5}
             user_config: {max_batch_size: 16, batch_wait_timeout_s: 0.005}
+          - name: model-coop_embed
+            num_replicas: 2
+            max_replicas_per_node: 1                   # spread: one replica per node (survives a node)
+
+A deployment's options (`deployments:`) are Ray Serve's own and checked by Ray's schema only, so every
+option Serve knows (max_replicas_per_node, health_check_period_s, graceful_shutdown_timeout_s, ...)
+passes through unchanged; attrlab checks the application's `args`.
 
 Relative model paths are taken from the directory `attrlab serve` runs in and made absolute
 before deploying (replicas run elsewhere). Every problem is one error line naming the key.

@@ -5,17 +5,80 @@ requests share a model call. Batching comes from the deployment's `user_config` 
 ({max_batch_size, batch_wait_timeout_s}; max_batch_size 1 = off) and can change without a restart
 (Serve calls `reconfigure`). Model calls run in a worker thread, so the replica's event loop keeps
 collecting the next batch meanwhile.
+
+Every answer names the replica that computed it (`served_by`: its Ray node id and Serve replica
+id); the gateway turns that into the X-Attrlab-Node / X-Attrlab-Replica response headers.
+`call_model` is how the gateway calls a ModelServer: a call whose replica died under it (SIGKILL,
+OOM, a lost node) is sent once more, to a live replica (inference is idempotent); anything else,
+a client error above all, is never retried.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+
+from serve.schemas import RequestError
 
 DEFAULT_BATCH = {"max_batch_size": 16, "batch_wait_timeout_s": 0.005}
+SERVED_BY = "served_by"  # the key of an answer's {"node", "replica"}
+NODE_HEADER, REPLICA_HEADER = "X-Attrlab-Node", "X-Attrlab-Replica"
+
+
+def replica_failed(exc: BaseException) -> bool:
+    """Whether a model call failed because the replica serving it died or became unreachable, so
+    sending it again (to another replica) may succeed: Ray's RayActorError family (ActorDiedError
+    when the replica process died mid-request, ActorUnavailableError when it cannot be reached),
+    also when it arrives wrapped in a RayTaskError. Never a client error (RequestError, 4xx) nor an
+    exception raised by the model code itself (a RayTaskError of, e.g., ValueError)."""
+    if isinstance(exc, RequestError):
+        return False
+    if isinstance(exc, RayActorError):
+        return True
+    return isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), RayActorError)
+
+
+async def call_model(handle: Any, method: str, *args: Any, model: str = "",
+                     on_retry: Callable[[BaseException], None] | None = None) -> Any:
+    """`await handle.<method>.remote(*args)`, sent once more if the replica died under the first
+    call (`replica_failed`; `on_retry` sees that error). A second replica failure is a 503 naming
+    the model: the client may retry once Serve has replaced the replica."""
+    try:
+        return await getattr(handle, method).remote(*args)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a replica failure
+        if not replica_failed(e):
+            raise
+        if on_retry is not None:
+            on_retry(e)
+    try:
+        return await getattr(handle, method).remote(*args)
+    except Exception as e:  # noqa: BLE001
+        if replica_failed(e):
+            raise RequestError(503, "model", f"model {model!r}: its replicas failed twice while answering; "
+                                             "retry in a few seconds") from e
+        raise
+
+
+def served_headers(out: dict[str, Any]) -> dict[str, str]:
+    """Pop an answer's `served_by` and return it as response headers (empty when absent)."""
+    who = out.pop(SERVED_BY, None) or {}
+    return {h: str(who[k]) for h, k in ((NODE_HEADER, "node"), (REPLICA_HEADER, "replica")) if who.get(k)}
+
+
+def _replica_identity() -> dict[str, str]:
+    """This replica's Ray node id and Serve replica id (empty strings outside a replica)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not inside a Serve replica (a unit test)
+        replica = ""
+    return {"node": node or "", "replica": replica}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64, user_config=DEFAULT_BATCH)
@@ -28,6 +91,7 @@ class ModelServer:
         self.name = name
         self.version = self.service.info().version
         self.m = metrics()
+        self.served_by = _replica_identity()
         self._gauges()
 
     def _gauges(self) -> None:
@@ -63,11 +127,14 @@ class ModelServer:
 
     # -- one public method per op: the request's items go through the batcher one by one ---------
 
-    # each returns {"version", "results"}: the version of the replica that answered, so a client
-    # sees when a rolling update reached it
+    # each returns {"version", "results", "served_by"}: the version of the replica that answered,
+    # so a client sees when a rolling update reached it, and which replica on which node it was
+
+    def _reply(self, results: list[Any]) -> dict[str, Any]:
+        return {"version": self.version, "results": results, SERVED_BY: dict(self.served_by)}
 
     async def _answer(self, calls: Any) -> dict[str, Any]:
-        return {"version": self.version, "results": list(await asyncio.gather(*calls))}
+        return self._reply(list(await asyncio.gather(*calls)))
 
     async def rank(self, images: list[np.ndarray]) -> dict[str, Any]:
         return await self._answer(self._rank(x) for x in images)
@@ -81,7 +148,7 @@ class ModelServer:
     async def term(self, kind: str, attribute: str, value: str, k: int) -> dict[str, Any]:
         """A query term (coop_embed): no image to batch, one numpy / faiss search."""
         hits = await self._run("term", self.service.term_search, kind, attribute, value, k)
-        return {"version": self.version, "results": [hits]}
+        return self._reply([hits])
 
     async def latent(self, queries: list[dict[str, Any]]) -> dict[str, Any]:
         return await self._answer(self._latent(q) for q in queries)

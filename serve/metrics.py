@@ -4,6 +4,8 @@ that export). Created once per replica process, on first use: metric objects nee
 
     attrlab_request_latency_seconds{route, model}      histogram, at the ingress
     attrlab_errors_total{route, kind}                  counter: kind = the HTTP status and field
+    attrlab_retries_total{model, error}                counter: model calls sent again because the replica
+                                                       serving them died (error = Ray's exception class)
     attrlab_batch_size{model, op}                      histogram, per @serve.batch call
     attrlab_inference_seconds{model, op}               histogram, model time per batch
     attrlab_index_size{model}                          gauge: vectors in the model's index
@@ -23,6 +25,7 @@ BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128]
 class Metrics:
     latency: Any
     errors: Any
+    retries: Any
     batch: Any
     inference: Any
     index_size: Any
@@ -38,6 +41,8 @@ def metrics() -> Metrics:
                           boundaries=LATENCY_BOUNDS, tag_keys=("route", "model")),
         errors=Counter("attrlab_errors_total", description="requests answered with an error, by kind",
                        tag_keys=("route", "kind")),
+        retries=Counter("attrlab_retries_total", description="model calls retried once after their replica died",
+                        tag_keys=("model", "error")),
         batch=Histogram("attrlab_batch_size", description="items per batched model call",
                         boundaries=BATCH_BOUNDS, tag_keys=("model", "op")),
         inference=Histogram("attrlab_inference_seconds", description="model time per batch",

@@ -46,17 +46,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TRAIN_ARGS = {"stn_ranker": SMALL, "coop_embed": COOP, "latent_retrieval": LATENT, "trip": TRIP}
+INDEX_ARGS = {"coop_embed": [], "latent_retrieval": ["--kind", "preference"]}
+
+
+def trained_runs(data: Path, tmp_path_factory: pytest.TempPathFactory, methods: tuple[str, ...]) -> dict[str, Path]:
+    """Tiny 2-step runs (+ their index) of these methods, trained once per test session: every
+    Serve test module asks for the ones it needs and reuses what an earlier module trained."""
+    root = tmp_path_factory.getbasetemp() / "served-runs"
+    out = {m: root / m for m in methods}
+    for method in methods:
+        done = root / f"{method}.ready"
+        if done.exists():
+            continue
+        assert main(["train", method, "--data", str(data), "--out", str(out[method]), "--local",
+                     "--max-steps", "2", *TRAIN_ARGS[method]]) == 0
+        if method in INDEX_ARGS:
+            assert main(["index", str(out[method]), *INDEX_ARGS[method]]) == 0
+        done.touch()
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_attrworld: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("served")
-    out = {m: root / m for m in ("stn_ranker", "coop_embed", "latent_retrieval", "trip")}
-    for method, extra, steps in (("stn_ranker", SMALL, 2), ("coop_embed", COOP, 2), ("latent_retrieval", LATENT, 2),
-                                 ("trip", TRIP, 2)):
-        assert main(["train", method, "--data", str(tiny_attrworld), "--out", str(out[method]), "--local",
-                     "--max-steps", str(steps), *extra]) == 0
-    assert main(["index", str(out["coop_embed"])]) == 0
-    assert main(["index", str(out["latent_retrieval"]), "--kind", "preference"]) == 0
-    return out
+    return trained_runs(tiny_attrworld, tmp_path_factory, ("stn_ranker", "coop_embed", "latent_retrieval", "trip"))
 
 
 def _config(path: Path, runs: dict[str, Path], port: int, stn_run: Path | None = None) -> Path:
@@ -111,10 +124,16 @@ def test_health_and_models(server: str) -> None:
     assert models["stn"]["version"].startswith("step-2-") and models["trip"]["attributes"] == ["hair_dark", "beard"]
     spec = requests.get(f"{server}/openapi.json", timeout=10)
     assert spec.status_code == 200, spec.text[:300]
-    assert {"/v1/rank/{model}", "/v1/search/{model}", "/v1/translate/{model}"} <= set(spec.json()["paths"])
+    paths = spec.json()["paths"]
+    assert {"/v1/rank/{model}", "/v1/search/{model}", "/v1/translate/{model}"} <= set(paths)
+    for route in ("/v1/rank/{model}", "/v1/rank/{model}/compare", "/v1/search/{model}", "/v1/translate/{model}"):
+        documented = paths[route]["post"]["responses"]["200"].get("headers", {})
+        assert {"X-Attrlab-Node", "X-Attrlab-Replica"} <= set(documented), (route, documented)
 
 
 def test_rank_and_compare_match_the_model_in_process(server: str, runs: dict[str, Path]) -> None:
+    import ray
+
     from serve.services import load_service
 
     imgs = [_png(1), _png(2)]
@@ -122,6 +141,9 @@ def test_rank_and_compare_match_the_model_in_process(server: str, runs: dict[str
                       timeout=60)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
+    assert "served_by" not in r.json()  # who answered travels in headers: the serving replica's node and id
+    assert r.headers["X-Attrlab-Node"] in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert r.headers["X-Attrlab-Replica"]
     local = load_service("stn", runs["stn_ranker"])
     want = local.rank([np.array(Image.open(io.BytesIO(b)).convert("RGB")) for b in imgs])
     assert len(results) == 2 and set(results[0]["scores"]) == set(local.attributes())
@@ -135,6 +157,7 @@ def test_rank_and_compare_match_the_model_in_process(server: str, runs: dict[str
     for name in s0:  # P(first > second) = sigmoid(s_a - s_b); a pair of one image is 0.5
         assert probs[0]["p_first"][name] == pytest.approx(1 / (1 + np.exp(-(s0[name] - s1[name]))), abs=1e-3)
         assert probs[1]["p_first"][name] == pytest.approx(0.5, abs=1e-6)
+    assert c.headers["X-Attrlab-Node"] == r.headers["X-Attrlab-Node"]  # one replica of stn in this app
     t = requests.post(f"{server}/v1/rank/trip/compare", json={"pairs": [[_b64(imgs[0]), _b64(imgs[1])]]}, timeout=60)
     assert t.status_code == 200 and all(0 <= p <= 1 for p in t.json()["results"][0]["p_first"].values())
 
@@ -209,6 +232,7 @@ def test_face_search_by_latent_and_by_image(server: str, runs: dict[str, Path]) 
 def test_translate_returns_a_png_and_a_strip(server: str) -> None:
     r = requests.post(f"{server}/v1/translate/trip", json={"image": _b64(_png(7)), "v": [1.0, -0.5]}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["X-Model-Version"].startswith("step-") and r.headers["X-Attrlab-Node"]
     one = Image.open(io.BytesIO(r.content))
     strip = requests.post(f"{server}/v1/translate/trip", files={"image": ("x.png", _png(7))},
                           data={"v": "[1.0, -0.5]", "steps": "3"}, timeout=60)
@@ -217,11 +241,12 @@ def test_translate_returns_a_png_and_a_strip(server: str) -> None:
 
 
 def _metrics_text() -> str:
-    """Ray's metrics export of this node (Prometheus text format): what Prometheus scrapes."""
+    """Ray's metrics export of every node (Prometheus text format, concatenated): what Prometheus
+    scrapes. A replica's metrics are exported by its own node, which may be either of the two."""
     import ray
 
-    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
-    return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return "\n".join(requests.get(f"http://127.0.0.1:{n['MetricsExportPort']}/metrics", timeout=10).text
+                     for n in ray.nodes() if n["Alive"])
 
 
 def _sample(text: str, name: str, **tags: str) -> float:
