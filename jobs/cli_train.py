@@ -44,8 +44,29 @@ def resolve_config_class(method: str) -> type:
 
 
 def load_run_config(method: str, path: Path | None, overrides: list[str]) -> Any:
+    if path is not None and not path.is_file():
+        raise ShardError(f"--config {path}: no such file")
     path = path if path is not None else CONFIG_DIR / f"{method}.yaml"
-    return configlib.load(resolve_config_class(method), path if path.is_file() else None, overrides)
+    cfg = configlib.load(resolve_config_class(method), path if path.is_file() else None, overrides)
+    return with_deepspeed_file(cfg, path)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def with_deepspeed_file(cfg: Any, source: Path) -> Any:
+    """cfg with deepspeed.config_file absolute: as given (relative to this directory) or, for the
+    configs shipped with attrlab (`cluster/deepspeed/zero2_bf16.json`), relative to attrlab itself,
+    so Ray workers, whatever their working directory, open the same file."""
+    import dataclasses
+
+    name = cfg.deepspeed.config_file
+    if not name or "://" in name or Path(name).is_absolute():
+        return cfg
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / name).is_file():
+            return dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, config_file=str(base / name)))
+    raise ShardError(f"{source}: deepspeed.config_file {name}: not found here or in {REPO_ROOT}")
 
 
 def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:

@@ -318,14 +318,14 @@ def test_gpu_config_loads_strictly_and_merges_into_its_deepspeed_file(method: st
     cfg = gpu_config(method)
     ds = cfg.deepspeed
     assert cfg.scaling.gpus_per_worker >= 1 and ds.enabled and ds.precision == "bf16"
-    # relative to the job's working directory: the repository root (attrlab submit, the RayJob)
-    assert ds.config_file and not Path(ds.config_file).is_absolute()
-    data = json.loads((REPO / ds.config_file).read_text())
+    # the YAML names it relative to attrlab; loading makes it absolute (what every worker opens)
+    assert ds.config_file == str(REPO / yaml.safe_load((REPO / "jobs/configs/gpu" / f"{method}.yaml").read_text())["deepspeed"]["config_file"])
+    data = json.loads(Path(ds.config_file).read_text())
     stage = data["zero_optimization"]["stage"]
     assert ds.zero_stage == stage, "jobs/engine.py sets the stage from deepspeed.zero_stage, not the file"
     # ZeRO-3 shards the weights: rank-0 validation and the rank-0 state_dict export would see none
     assert stage in (1, 2)
-    monkeypatch.chdir(REPO)  # the engine opens config_file relative to the working directory
+    monkeypatch.chdir("/")  # an absolute config_file: opened from any working directory
     merged = deepspeed_config(ds, cfg.data.loader.batch_size, cfg.schedule, cfg.optim)
     assert merged["zero_optimization"] == {**data["zero_optimization"], "stage": stage}
     assert merged["train_micro_batch_size_per_gpu"] == cfg.data.loader.batch_size

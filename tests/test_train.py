@@ -73,6 +73,10 @@ def test_train_cli_errors_are_one_line(tiny_attrworld: Path, tmp_path: Path, cap
         (["train", "stn_ranker", "--data", str(tiny_attrworld), "--out", str(tmp_path / "d"), "--local",
           "--set", "model.attributes=[smiles]"], "'smiles' is not an attribute"),
         (["eval", str(tmp_path / "none")], "no finished checkpoint"),
+        (["train", "stn_ranker", "--data", str(tiny_attrworld), "--out", str(tmp_path / "e"), "--config",
+          str(tmp_path / "nope.yaml")], "nope.yaml: no such file"),
+        (["train", "stn_ranker", "--data", str(tiny_attrworld), "--out", str(tmp_path / "f"), "--local",
+          "--set", "deepspeed.config_file=cluster/deepspeed/nope.json"], "deepspeed.config_file cluster/deepspeed/nope.json: not found"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
