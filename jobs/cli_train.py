@@ -139,7 +139,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     job = TrainJob(a.method, configlib.to_dict(cfg), str(a.data.resolve()), str(a.out.resolve()))
     tracked = start_tracking(a.out, a.method, cfg)
-    with tracking_status(a.out):
+    from jobs.progress import follow
+
+    with tracking_status(a.out), follow(a.out, cfg.schedule.max_steps, f"train {a.out.name}"):
         metrics = run_local(job) if a.local else run_ray(job, cfg)
     print(json.dumps({"run_dir": str(a.out), **{k: round(v, 4) for k, v in metrics.items()}}))
     if tracked:

@@ -1,24 +1,24 @@
-"""`attrlab demo`: the main job end to end on the embedded default (grows with each method).
+"""`attrlab demo`: the main job end to end on the embedded default, one local Ray cluster throughout.
 
-1. build the attrworld and cluttered_digits shards, and attrworld's 32 px translation build
+1. shards: build attrworld, cluttered_digits and attrworld's 32 px translation build
    (TRANSLATION_OPTIONS: larger, cleaner faces), and validate them;
-2. start a local Ray cluster and train stn_ranker, coop_embed (attrworld), deml
-   (cluttered_digits), then the attribute oracle and trip (translation build), then an identity
-   model (coop_embed on the 32 px build) and latent_retrieval with 2 workers each (DeepSpeed over
-   gloo) on a short budget;
-3. evaluate each (stn_ranker: ranking accuracy on the test split; coop_embed: retrieval of unseen
-   identities, query -> gallery; deml: zero-shot Recall@K on the unseen digits 5-9; trip: the
-   translation metrics judged by the oracle; latent_retrieval: nDCG and identity similarity of
-   adjusted queries), build coop_embed's faiss gallery index and latent_retrieval's exact
-   preference index, write the reports and print the metrics with the report paths;
-4. deploy the five models on a local Ray Serve (OUT/serve.yaml), send one request per route over
-   HTTP, print the answers, shut down (serve/demo.py).
+2. start a local Ray cluster (token auth on, dashboard on loopback: cluster/connect.py);
+3. train stn_ranker, coop_embed (attrworld), deml (cluttered_digits), the attribute oracle and trip
+   (translation build), an identity model (coop_embed on the 32 px build) and latent_retrieval,
+   each with 2 Ray Train workers running DeepSpeed over gloo, on short budgets (progress bars);
+4. a small Ray Tune sweep: coop_embed's loss weights, 2 trials under ASHA (jobs/spaces/coop_embed.yaml);
+5. evaluate each run, build coop_embed's and deml's faiss indexes and latent_retrieval's exact
+   preference index, write the reports;
+6. deploy the five models on Ray Serve (OUT/serve.yaml), send one request per route over HTTP,
+   shut Serve down (serve/demo.py);
+7. print one summary table: method, metric, value, report, endpoint — and the time of each phase.
 Re-running resumes: verified shards are skipped and a finished run is only re-evaluated.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,15 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on the embedded datasets")
     p.add_argument("--out", type=Path, default=Path("data"))
     p.add_argument("--workers", type=int, default=2, help="shard writers and training workers")
-    p.add_argument("--steps", type=int, default=500, help="stn_ranker training steps")
+    p.add_argument("--steps", type=int, default=300, help="stn_ranker training steps")
     p.add_argument("--coop-steps", type=int, default=300, help="coop_embed training steps")
-    p.add_argument("--deml-steps", type=int, default=300, help="deml training steps")
-    p.add_argument("--oracle-steps", type=int, default=400, help="attr_oracle training steps")
-    p.add_argument("--trip-steps", type=int, default=300, help="trip training steps")
+    p.add_argument("--deml-steps", type=int, default=200, help="deml training steps")
+    p.add_argument("--oracle-steps", type=int, default=300, help="attr_oracle training steps")
+    p.add_argument("--trip-steps", type=int, default=200, help="trip training steps")
     p.add_argument("--identity-steps", type=int, default=300, help="identity model (coop_embed, 32 px) steps")
-    p.add_argument("--latent-steps", type=int, default=400, help="latent_retrieval training steps")
+    p.add_argument("--latent-steps", type=int, default=200, help="latent_retrieval training steps")
+    p.add_argument("--sweep-trials", type=int, default=2, help="coop_embed sweep trials (0: no sweep)")
+    p.add_argument("--sweep-steps", type=int, default=60, help="steps per sweep trial")
     p.set_defaults(func=cmd_demo)
 
 
@@ -68,8 +70,9 @@ def build_shards(out: Path, workers: int) -> bool:
 
 
 def _train_args(method: str, data: Path, run: Path, workers: int, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
-    sets = [*extra, f"checkpoint.every_steps={max(1, steps // 2)}", f"eval.every_steps={max(1, steps // 2)}",
-            "schedule.log_every=25", "scaling.cpus_per_worker=1", "data.loader.num_workers=0"]
+    # one validation, at the end: each one costs seconds a short demo run cannot spare
+    sets = [*extra, f"checkpoint.every_steps={max(1, steps // 2)}", f"eval.every_steps={steps}",
+            "schedule.log_every=10", "scaling.cpus_per_worker=1", "data.loader.num_workers=0"]
     if method == "stn_ranker":
         sets.append(f"model.stage1_steps={steps // 3}")
     if method == "trip":
@@ -78,14 +81,74 @@ def _train_args(method: str, data: Path, run: Path, workers: int, steps: int, ex
             "--max-steps", str(steps), *[x for s in sets for x in ("--set", s)]]
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    import ray
+def _sweep_args(data: Path, out: Path, trials: int, steps: int) -> list[str]:
+    sets = [f"eval.every_steps={max(1, steps // 3)}", f"checkpoint.every_steps={max(1, steps // 3)}",
+            "scaling.cpus_per_worker=0.9", "data.loader.num_workers=0", "schedule.log_every=10"]
+    return ["tune", "coop_embed", "--data", str(data), "--out", str(out), "--trials", str(trials),
+            "--max-steps", str(steps), "--workers-per-trial", "1", "--max-concurrent", "2", "--reduction-factor", "2",
+            *[x for s in sets for x in ("--set", s)]]
 
+
+# what the summary shows per run: (run name, metric key)
+SUMMARY = [("stn_ranker", "rank_acc"), ("stn_ranker", "stn_hit"), ("coop_embed", "instance_r@1"),
+           ("coop_embed", "attribute_map"), ("coop_embed", "category_map"), ("deml", "r@1"), ("deml", "r@8"),
+           ("deml", "sim"), ("attr_oracle", "oracle_score"), ("trip", "spearman_v"), ("trip", "aas"),
+           ("trip", "ssim_std"), ("trip", "nontarget_change"), ("trip", "fid_oracle"),
+           ("latent_retrieval", "ndcg@5"), ("latent_retrieval", "ndcg@20"), ("latent_retrieval", "identity_sim"),
+           ("latent_retrieval", "ifg/ndcg@5"), ("latent_retrieval", "ortho_err")]
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def summary(runs: dict[str, Path], sweep: tuple[str, float, str] | None, endpoints: dict[str, str]) -> str:
+    """The closing table: one row per metric, the report it is drawn in and where the model was served."""
+    lines = [f"{'method':17s} {'metric':17s} {'value':>9s}  {'report':52s} endpoint"]
+    shown: set[str] = set()
+    for name, key in SUMMARY:
+        m = json.loads((runs[name] / "metrics.json").read_text()) if (runs[name] / "metrics.json").is_file() else {}
+        if key not in m:
+            continue
+        report = runs[name] / "report" / "index.html"
+        endpoint = endpoints.get(name, "") if name not in shown else ""
+        shown.add(name)
+        lines.append(f"{name:17s} {key:17s} {m[key]:9.3g}  {_rel(report) if report.is_file() else '-':52s} {endpoint}")
+    if sweep is not None:
+        key, best, page = sweep
+        lines.append(f"{'sweep coop_embed':17s} {key.removeprefix('val/'):17s} {best:9.3g}  {page:52s} (best of the trials)")
+    return "\n".join(lines)
+
+
+def run_sweep(data: Path, out: Path, trials: int, steps: int) -> tuple[str, float, str] | None:
+    from jobs.cli import main as attrlab
+    from jobs.tune_report import best_row, collect
+
+    if attrlab(_sweep_args(data, out, trials, steps)) != 0:
+        return None
+    sweep = json.loads((out / "sweep.json").read_text())
+    row = best_row(sweep, collect(out, sweep, {}))
+    return sweep["metric"], float(row["best"]), _rel(out / "results.html")
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from cluster.connect import connect
     from jobs.cli import main as attrlab
 
     t_start = time.perf_counter()
+    phases: list[tuple[str, float]] = []
+
+    def phase(name: str, t0: float) -> None:
+        phases.append((name, time.perf_counter() - t0))
+
+    print("[1/6] building and validating the embedded datasets' shards ...")
+    t0 = time.perf_counter()
     if not build_shards(a.out, a.workers):
         return 1
+    phase("shards", t0)
     data = a.out / "shards" / "attrworld"
     digits = a.out / "shards" / "cluttered_digits"
     faces = a.out / "shards" / "attrworld_faces32"
@@ -99,42 +162,51 @@ def cmd_demo(a: argparse.Namespace) -> int:
             "latent_retrieval": (a.out / "runs" / "latent_retrieval", a.latent_steps, faces)}
     extra = {"identity": ("data.augment.resize=32", "data.augment.size=28"),
              "latent_retrieval": (f"model.identity_run={runs['identity'][0].resolve()}",)}
-    ray.init(num_cpus=max(2, a.workers), include_dashboard=False, log_to_driver=False)
+    import ray
+
+    t0 = time.perf_counter()
+    # 4 logical CPUs on 2 cores: the sweep's two 1-worker trials and Serve's replicas fit beside each other
+    connect(num_cpus=max(4, a.workers))
+    print(f"[2/6] local Ray cluster: {ray.cluster_resources().get('CPU', 0):g} logical CPUs, token auth "
+          f"{'off' if os.environ.get('RAY_AUTH_MODE', '').lower() == 'disabled' else 'on'}, dashboard on loopback")
     try:
         for name, (run, steps, shards) in runs.items():
             method = "coop_embed" if name == "identity" else name
-            print(f"\n[{name}] training {method} {steps} steps with {a.workers} Ray Train workers (DeepSpeed, gloo) ...")
+            print(f"\n[3/6 train] {name}: {method}, {steps} steps, {a.workers} Ray Train workers (DeepSpeed, gloo)")
             if attrlab(_train_args(method, shards, run, a.workers, steps, extra.get(name, ()))) != 0:
                 return 1
+        phase("training (7 runs)", t0)
+        t0 = time.perf_counter()
+        sweep = None
+        if a.sweep_trials > 0:
+            print(f"\n[4/6 sweep] coop_embed: {a.sweep_trials} trials x {a.sweep_steps} steps, ASHA, 2 at a time")
+            sweep = run_sweep(data, a.out / "sweeps" / "coop_embed", a.sweep_trials, a.sweep_steps)
+            if sweep is None:
+                return 1
+        phase("sweep", t0)
+        t0 = time.perf_counter()
+        print("\n[5/6] evaluating, indexing and reporting ...")
+        coop, deml, trip, latent = (runs[n][0] for n in ("coop_embed", "deml", "trip", "latent_retrieval"))
+        for cmd in (["eval", str(runs["stn_ranker"][0])], ["report", str(runs["stn_ranker"][0])], ["eval", str(coop)],
+                    ["index", str(coop), "--data", str(data)], ["report", str(coop)], ["eval", str(deml)],
+                    ["index", str(deml)], ["report", str(deml)], ["eval", str(runs["attr_oracle"][0])],
+                    ["eval", str(trip)], ["report", str(trip)], ["eval", str(latent)],
+                    ["index", str(latent), "--kind", "preference"], ["report", str(latent)]):
+            print(f"  attrlab {' '.join(cmd)}", flush=True)
+            if attrlab(cmd) != 0:
+                return 1
+        phase("eval + index + report", t0)
+        from serve.demo import serve_demo
+
+        t0 = time.perf_counter()
+        print("\n[6/6] serving")
+        endpoints = serve_demo(a.out, {name: run for name, (run, _, _) in runs.items()},
+                               {"attrworld": data, "digits": digits, "faces": faces})
+        phase("serve", t0)
     finally:
         ray.shutdown()
-    coop = runs["coop_embed"][0]
-    deml = runs["deml"][0]
-    trip = runs["trip"][0]
-    latent = runs["latent_retrieval"][0]
-    for cmd in (["eval", str(runs["stn_ranker"][0])], ["report", str(runs["stn_ranker"][0])], ["eval", str(coop)],
-                ["index", str(coop), "--data", str(data)], ["report", str(coop)], ["eval", str(deml)], ["index", str(deml)],
-                ["report", str(deml)], ["eval", str(runs["attr_oracle"][0])], ["eval", str(trip)], ["report", str(trip)],
-                ["eval", str(latent)], ["index", str(latent), "--kind", "preference"], ["report", str(latent)]):
-        if attrlab(cmd) != 0:
-            return 1
-    rows = [("stn_ranker", k) for k in ("rank_acc", "stn_hit")]
-    rows += [("coop_embed", k) for k in ("instance_r@1", "attribute_map", "category_map")]
-    rows += [("deml", k) for k in ("r@1", "r@8", "sim")]
-    rows += [("attr_oracle", "oracle_score")]
-    rows += [("trip", k) for k in ("spearman_v", "aas", "ssim_std", "nontarget_change", "fid_oracle")]
-    rows += [("latent_retrieval", k) for k in ("ndcg@5", "ndcg@20", "identity_sim", "ifg/ndcg@5", "ifg/identity_sim",
-                                               "l2/ndcg@5", "ortho_err")]
-    print(f"\n{'method':18s}{'metric':18s}{'value':>9s}   report")
-    for method, key in rows:
-        run = runs[method][0]
-        m = json.loads((run / "metrics.json").read_text())
-        if key in m:
-            report = run / "report" / "index.html"
-            print(f"{method:18s}{key:18s}{m[key]:9.3g}   {report.resolve() if report.is_file() else ''}")
-    from serve.demo import serve_demo
-
-    serve_demo(a.out, {name: run for name, (run, _, _) in runs.items()},
-               {"attrworld": data, "digits": digits, "faces": faces})
-    print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s; shards under {(a.out / 'shards').resolve()}")
+    print("\n" + summary({name: run for name, (run, _, _) in runs.items()}, sweep, endpoints))
+    print("\n" + "  ".join(f"{n} {s:.0f} s" for n, s in phases))
+    print(f"demo finished in {time.perf_counter() - t_start:.0f} s; shards under {_rel(a.out / 'shards')}; "
+          f"serve the models again with: attrlab serve --config {_rel(a.out / 'serve.yaml')}")
     return 0

@@ -329,7 +329,9 @@ def export_run(trial_dir: Path, checkpoint: Path, out: Path, sweep: dict[str, An
     shutil.rmtree(tmp, ignore_errors=True)
     dest = tmp / "checkpoints" / checkpoint.name
     shutil.copytree(checkpoint / EXPORT, dest / EXPORT)
-    shutil.copy2(checkpoint / STATE, dest / STATE)
+    state = json.loads((checkpoint / STATE).read_text())
+    state.pop("world", None)  # the export only: no rank's training-state files travel with it
+    (dest / STATE).write_text(json.dumps(state))
     for name in ("config.yaml", "run.json", PARAMS_FILE):
         shutil.copy2(trial_dir / name, tmp / name)
     (tmp / "tune_best.json").write_text(json.dumps({"sweep_dir": sweep["sweep_dir"], "metric": sweep["metric"],

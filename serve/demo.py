@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import socket
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def serve_demo(out: Path, runs: dict[str, Path], shards: dict[str, Path]) -> None:
-    import ray
+def serve_demo(out: Path, runs: dict[str, Path], shards: dict[str, Path]) -> dict[str, str]:
+    """Deploy, call every route once, shut Serve down; returns model -> 'POST route -> status, ms'."""
     from ray import serve
 
+    from cluster.connect import connect
     from serve.cli import deploy, load_config
     from serve.config import write_config
 
@@ -39,8 +41,20 @@ def serve_demo(out: Path, runs: dict[str, Path], shards: dict[str, Path]) -> Non
               ("stn_ranker", "coop_embed", "deml", "latent_retrieval", "trip")}
     port = _port()
     cfg = write_config(out / "serve.yaml", models, port, cpus=0.25)
-    print(f"\n[serve] deploying {len(models)} models on http://127.0.0.1:{port} ({cfg}) ...")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    print(f"[serve] deploying {len(models)} models on http://127.0.0.1:{port} ({cfg}) ...")
+    started = connect(num_cpus=4)  # the demo's cluster when it has one
+    answered: dict[str, str] = {}
+
+    def post(model: str, path: str, label: str, body: dict[str, Any]) -> requests.Response:
+        t0 = time.perf_counter()
+        r = requests.post(url + path, json=body, timeout=120)
+        ms = (time.perf_counter() - t0) * 1000
+        answered.setdefault(model, f"POST {path} -> {r.status_code}, {ms:.0f} ms")
+        shown = _short(r.json()) if r.headers.get("content-type", "").startswith("application/json") else \
+            f"{r.headers.get('content-type')} {len(r.content)} bytes"
+        print(f"  POST {path:34s} {label}\n    -> {r.status_code} in {ms:.0f} ms: {shown}")
+        return r
+
     try:
         deploy(load_config(cfg), 300)
         url = f"http://127.0.0.1:{port}"
@@ -52,29 +66,27 @@ def serve_demo(out: Path, runs: dict[str, Path], shards: dict[str, Path]) -> Non
         gkey, gimg = _sample(shards["attrworld"], "gallery")
         dkey, digit = _sample(shards["digits"], "test")
         attrs = infos["latent_retrieval"]["attributes"]
-        calls: list[tuple[str, str, dict[str, Any]]] = [
-            (f"rank {key}", "/v1/rank/stn_ranker", {"image": img}),
-            (f"compare {key} vs {gkey}", "/v1/rank/stn_ranker/compare", {"pairs": [[img, gimg]]}),
-            (f"search coop_embed {gkey}", "/v1/search/coop_embed", {"image": gimg, "k": 3}),
-            (f"search deml {dkey}", "/v1/search/deml", {"image": digit, "k": 3}),
-            (f"face search {face_key}, more {attrs[0]}", "/v1/search/latent_retrieval",
-             {"image": face, "k": 3, "adjust": {attrs[0]: 1.0}, "prefer": {attrs[0]: 2.0}}),
-        ]
-        for label, path, body in calls:
-            r = requests.post(url + path, json=body, timeout=120)
-            print(f"  POST {path:34s} {label}\n    -> {r.status_code} {_short(r.json())}")
+        post("stn_ranker", "/v1/rank/stn_ranker", f"rank {key}", {"image": img})
+        post("stn_ranker", "/v1/rank/stn_ranker/compare", f"compare {key} vs {gkey}", {"pairs": [[img, gimg]]})
+        post("coop_embed", "/v1/search/coop_embed", f"search coop_embed {gkey}", {"image": gimg, "k": 3})
+        post("deml", "/v1/search/deml", f"search deml {dkey}", {"image": digit, "k": 3})
+        post("latent_retrieval", "/v1/search/latent_retrieval", f"face search {face_key}, more {attrs[0]}",
+             {"image": face, "k": 3, "adjust": {attrs[0]: 1.0}, "prefer": {attrs[0]: 2.0}})
         v = [1.0] * len(infos["trip"]["attributes"])
-        r = requests.post(f"{url}/v1/translate/trip", json={"image": face, "v": v, "steps": 5}, timeout=120)
+        r = post("trip", "/v1/translate/trip", f"{face_key}, v={v}, 5 steps", {"image": face, "v": v, "steps": 5})
         png = out / "serve_translate_strip.png"
         png.write_bytes(r.content)
-        print(f"  POST /v1/translate/trip            {face_key}, v={v}, 5 steps\n    -> {r.status_code} "
-              f"{r.headers.get('content-type')} {len(r.content)} bytes, saved to {png}")
+        print(f"    saved to {png}")
         bad = requests.post(f"{url}/v1/translate/trip", json={"image": face, "v": [3.0] * len(v)}, timeout=60)
         print(f"  a bad request (v out of range)     -> {bad.status_code} {bad.json()['error']}")
     finally:
         serve.shutdown()
-        ray.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()
     print(f"[serve] shut down; serve the same models with: attrlab serve --config {cfg}")
+    return answered
 
 
 def _short(obj: Any) -> str:

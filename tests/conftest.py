@@ -46,3 +46,12 @@ def tiny_attrworld(tmp_path_factory: pytest.TempPathFactory):
         "images_per_identity": "8", "pairs_per_attribute": "200", "clutter": "4"}))
     write_dataset(plan, out, shard_size=16, workers=1, progress=False)
     return out
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tests.figures import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("figures measured by the fault and multi-node tests")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

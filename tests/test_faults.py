@@ -25,6 +25,8 @@ from typing import Iterator
 
 import pytest
 
+from tests.figures import figure
+
 from jobs.checkpoints import FAULT_MARKER, dir_bytes, find_checkpoints, read_state
 from tests.test_train import SMALL, steps_logged, train
 
@@ -61,7 +63,7 @@ def test_one_worker_per_node_matches_a_single_node_run(ray_cluster: object, tiny
     worst = max(abs(a[s] - b[s]) / max(1.0, abs(b[s])) for s in b)
     va = read_state(find_checkpoints(spread)[-1])["metrics"]["val/rank_acc"]
     vb = read_state(find_checkpoints(packed)[-1])["metrics"]["val/rank_acc"]
-    print(f"\n[multi-node] 2 nodes vs 1 node: max relative loss difference {worst:.2e} over {len(b)} steps; "
+    figure(f"[multi-node] 2 nodes vs 1 node: max relative loss difference {worst:.2e} over {len(b)} steps; "
           f"val rank_acc {va:.4f} vs {vb:.4f}")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert worst < 1e-3 and abs(va - vb) < 0.02
@@ -76,7 +78,7 @@ def test_worker_killed_mid_interval_loses_at_most_one_interval(ray_session: obje
     assert (run / FAULT_MARKER).exists()
     logged = steps_logged(run)
     redone = len(logged) - len(set(logged))
-    print(f"\n[worker killed] at step 3, checkpoint interval 2: {redone} step(s) re-trained; "
+    figure(f"[worker killed] at step 3, checkpoint interval 2: {redone} step(s) re-trained; "
           f"worker group started {len(worker_nodes(run))} times")
     assert logged == [1, 2, 3, 3, 4, 5, 6]  # step 3 re-run from step 2's checkpoint: 1 step <= 1 interval
     assert len(worker_nodes(run)) == 2  # the group really restarted (a new attempt was recorded)
@@ -103,7 +105,7 @@ def test_driver_killed_then_rerun_resumes(ray_cluster: object, tiny_attrworld: P
     assert train(tiny_attrworld, run, "--workers", "2", "--max-steps", str(saved + 4)) == 0
     logged = steps_logged(run)
     resumed_from = logged[killed_at] - 1  # the first step the re-run logged, minus one
-    print(f"\n[driver killed] at step {killed_at}; re-run resumed from the step {resumed_from} checkpoint "
+    figure(f"[driver killed] at step {killed_at}; re-run resumed from the step {resumed_from} checkpoint "
           f"({killed_at - resumed_from} step(s) re-trained; the newest on disk was step {saved})")
     # Ray resumes from the newest checkpoint it registered: the one on disk, or the one before it when
     # the driver died between the upload and the registration
@@ -135,7 +137,7 @@ def test_corrupt_shards_are_skipped_and_counted(ray_session: object, tiny_attrwo
     run = tmp_path / "run"
     assert train(bad, run, "--workers", "2", "--max-steps", "6", "--set", "data.loader.shuffle_buffer=4") == 0
     skipped = log_rows(run)[-1]["data/skipped"]
-    print(f"\n[corrupt shards] {zeroed} zeroed images + 1 truncated shard: {skipped} sample(s) skipped and counted, "
+    figure(f"[corrupt shards] {zeroed} zeroed images + 1 truncated shard: {skipped} sample(s) skipped and counted, "
           f"run completed at step {read_state(find_checkpoints(run)[-1])['step']}")
     assert skipped >= 1 and read_state(find_checkpoints(run)[-1])["step"] == 6
 
@@ -180,9 +182,11 @@ def test_full_checkpoint_disk_is_a_clear_error_and_keeps_the_last_checkpoint(
     capsys.readouterr()
     code = train(tiny_attrworld, run, "--workers", "2", "--max-steps", "4", "--set", "checkpoint.max_failures=0", *extra)
     err = capsys.readouterr().err.strip()
-    print(f"\n[full disk] {free / 2**20:.1f} MiB free for a {size / 2**20:.1f} MiB checkpoint "
+    # stderr also carries progress lines; the error is one line, the last
+    assert code == 2 and [x for x in err.splitlines() if "error" in x] == [err.splitlines()[-1]]
+    err = err.splitlines()[-1]
+    figure(f"[full disk] {free / 2**20:.1f} MiB free for a {size / 2**20:.1f} MiB checkpoint "
           f"({'tmpfs' if small_disk else 'min_free_mb'}): exit {code}: {err}")
-    assert code == 2 and len(err.splitlines()) == 1
     assert "MiB free, the step 4 checkpoint needs" in err and "previous checkpoint (step 2" in err
     assert [read_state(c)["step"] for c in find_checkpoints(run)] == [2] and _digest(last) == before
     if small_disk is not None:  # space freed: the same command finishes the run
@@ -207,7 +211,7 @@ def test_unwritable_run_directory_is_a_clear_error_and_keeps_the_last_checkpoint
     capsys.readouterr()
     code = train(tiny_attrworld, run, "--local", "--max-steps", "4")
     err = capsys.readouterr().err.strip()
-    print(f"\n[unwritable run dir] exit {code}: {err}")
+    figure(f"[unwritable run dir] exit {code}: {err}")
     assert code == 2 and len(err.splitlines()) == 1
     assert "cannot write there" in err and "previous checkpoint (step 2" in err
     assert _digest(run) == before and [read_state(c)["step"] for c in find_checkpoints(run)] == [2]

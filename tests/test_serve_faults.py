@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from tests.figures import figure
 import requests
 import yaml
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
@@ -161,7 +163,7 @@ def test_replicas_on_both_nodes_answer_through_one_proxy(spread: str) -> None:
             assert r.status_code == 200, r.text[:300]
             per_node[r.headers[NODE_HEADER]] += 1
             per_replica[r.headers[REPLICA_HEADER]] += 1
-    print(f"\nrequests per node: {dict(per_node)}; per replica: {dict(per_replica)}; proxy: {list(proxies)}")
+    figure(f"[serve, 2 nodes] requests per node: {dict(per_node)}; per replica: {dict(per_replica)}; proxy: {list(proxies)}")
     assert set(per_node) == _alive_nodes() == {r["node"] for r in replicas}
     assert len(per_replica) == 2
 
@@ -248,7 +250,7 @@ def test_a_replica_killed_under_steady_load(spread: str) -> None:
         retries = _retries()
         if not retries:
             time.sleep(2)
-    print(f"\nkill: replica {victim['name']} (pid {victim['pid']}, node {victim['node'][:12]}), "
+    figure(f"[serve replica killed] replica {victim['name']} (pid {victim['pid']}, node {victim['node'][:12]}), "
           f"{threads_n} client threads; window (kill -> HEALTHY, 2 running) {t_rec - t_kill:.1f} s: "
           f"{len(failed(window))}/{len(window)} failed; before: {len(failed(before))}/{len(before)}; "
           f"after recovery ({after_s:g} s): {len(failed(after))}/{len(after)} failed, per node {dict(nodes_after)}; "
