@@ -28,13 +28,13 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run the main job end to end on the embedded datasets")
     p.add_argument("--out", type=Path, default=Path("data"))
     p.add_argument("--workers", type=int, default=2, help="shard writers and training workers")
-    p.add_argument("--steps", type=int, default=300, help="stn_ranker training steps")
-    p.add_argument("--coop-steps", type=int, default=300, help="coop_embed training steps")
-    p.add_argument("--deml-steps", type=int, default=200, help="deml training steps")
-    p.add_argument("--oracle-steps", type=int, default=300, help="attr_oracle training steps")
+    p.add_argument("--steps", type=int, default=200, help="stn_ranker training steps")
+    p.add_argument("--coop-steps", type=int, default=200, help="coop_embed training steps")
+    p.add_argument("--deml-steps", type=int, default=150, help="deml training steps")
+    p.add_argument("--oracle-steps", type=int, default=200, help="attr_oracle training steps")
     p.add_argument("--trip-steps", type=int, default=200, help="trip training steps")
-    p.add_argument("--identity-steps", type=int, default=300, help="identity model (coop_embed, 32 px) steps")
-    p.add_argument("--latent-steps", type=int, default=200, help="latent_retrieval training steps")
+    p.add_argument("--identity-steps", type=int, default=200, help="identity model (coop_embed, 32 px) steps")
+    p.add_argument("--latent-steps", type=int, default=150, help="latent_retrieval training steps")
     p.add_argument("--sweep-trials", type=int, default=2, help="coop_embed sweep trials (0: no sweep)")
     p.add_argument("--sweep-steps", type=int, default=60, help="steps per sweep trial")
     p.set_defaults(func=cmd_demo)
@@ -73,8 +73,8 @@ def _train_args(method: str, data: Path, run: Path, workers: int, steps: int, ex
     # one validation, at the end: each one costs seconds a short demo run cannot spare
     sets = [*extra, f"checkpoint.every_steps={max(1, steps // 2)}", f"eval.every_steps={steps}",
             "schedule.log_every=10", "scaling.cpus_per_worker=1", "data.loader.num_workers=0"]
-    if method == "stn_ranker":
-        sets.append(f"model.stage1_steps={steps // 3}")
+    if method == "stn_ranker":  # centre crop at test time (the config's default is the paper's 10 crops): 1/10 the eval
+        sets += [f"model.stage1_steps={steps // 3}", "model.tta_crops=1"]
     if method == "trip":
         sets += [f"model.pretrain_steps={steps // 3}", f"model.oracle={(run.parent / 'attr_oracle').resolve()}"]
     return ["train", method, "--data", str(data), "--out", str(run), "--workers", str(workers),

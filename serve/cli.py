@@ -66,7 +66,7 @@ def _connect(address: str | None) -> bool:
     """Connect to the cluster; returns True when this process started a local Ray."""
     from cluster.connect import connect
 
-    return connect(address, namespace="serve")
+    return connect(address, namespace="serve", dashboard=True)  # on loopback: Serve's own status pages
 
 
 def deploy(schema: Any, timeout: float) -> dict[str, str]:

@@ -36,6 +36,24 @@ def ray_session(ray_cluster: object) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+def world_of_one() -> None:
+    """A gloo world of one for in-process DeepSpeed, kept for the session: DeepSpeed caches the
+    process group it first sees, so destroying it would break later in-process runs
+    (jobs.cli_train.run_local reuses it)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_attrworld(tmp_path_factory: pytest.TempPathFactory):
     """A 96-image, 32 px attrworld shard set shared by the training tests."""
     from shards.datasets import BuildOptions, plan_embedded

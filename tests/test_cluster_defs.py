@@ -13,10 +13,8 @@ from __future__ import annotations
 import ast
 import copy
 import json
-import os
 import re
 import shlex
-import socket
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -274,20 +272,6 @@ def test_rayservice_serves_serve_yaml_behind_tls_and_auth() -> None:
 
 
 # -- DeepSpeed configs and the GPU method configs -------------------------------------------------
-@pytest.fixture(scope="module")
-def world_of_one() -> None:
-    """A gloo world of one for deepspeed.initialize, kept for the session (DeepSpeed caches it)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-
-
 def gpu_config(method: str) -> Any:
     from jobs.cli_train import load_run_config
 

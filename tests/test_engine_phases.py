@@ -3,30 +3,14 @@ module) and without, each named optimiser steps only its own parameters when eac
 keeps the other network out of the graph (models.registry.frozen / detach)."""
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from jobs.engine import Engines
 from jobs.schema import DeepSpeedSection, OptimSection, ScheduleSection
 from models.registry import ParamGroup, frozen
-
-
-@pytest.fixture(scope="session")
-def world_of_one() -> None:
-    """A gloo world of one, kept for the session: DeepSpeed caches the process group it first
-    sees, so destroying it would break later in-process runs (jobs.cli_train.run_local reuses it)."""
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 class Toy(nn.Module):

@@ -2,7 +2,6 @@
 the two-stage switch, predict/evaluate and local AlexNet weights. CPU, 32 px, small backbone."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Iterator
 
