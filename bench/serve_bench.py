@@ -2,12 +2,16 @@
 batching on (max_batch_size 16) and off (1), and Serve's overhead against the same model called
 in-process (serve/services.py, one image per call).
 
+`attrlab bench serve` (bench/serve_figures.py) turns the same measurement (`in_process`, `measure`)
+into BENCHMARKS.md rows.
+
     python -m bench.serve_bench --runs data/runs [--requests 200] [--concurrency 1 8 32] [--out docs/serve_bench.json]
 
 --runs holds the run directories `make demo` trains (stn_ranker, coop_embed + index, deml + index,
 latent_retrieval + preference index, trip). It starts a local Ray with 4 logical CPUs, deploys
-the app twice (batching on, then off), drives each route from a thread pool of N clients sending
-one-image requests (base64 JSON, the embedded dataset's image size), and prints a markdown table.
+the app (batching on, then off by a user_config update), drives each route from a thread pool of
+N clients sending one-image requests (base64 JSON, the embedded dataset's image size), and prints
+a markdown table.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import requests
@@ -43,47 +47,63 @@ def _port() -> int:
 
 
 def drive(send: Callable[[requests.Session], int], n: int, concurrency: int) -> dict[str, float]:
-    """n requests from `concurrency` clients; latency percentiles (ms) and throughput (req/s)."""
+    """n requests from `concurrency` clients; latency percentiles (ms), throughput (req/s) and the
+    number of answers other than 200 (`send` returns the status code)."""
     lat: list[float] = []
-    errors = 0
 
-    def client(count: int) -> None:
-        nonlocal errors
+    def client(count: int) -> int:
+        errors = 0
         with requests.Session() as s:
             for _ in range(count):
                 t0 = time.perf_counter()
                 ok = send(s) == 200
                 lat.append(time.perf_counter() - t0)
                 errors += not ok
+        return errors
 
     per = [n // concurrency + (i < n % concurrency) for i in range(concurrency)]
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(client, per))
+        errors = sum(pool.map(client, per))
     wall = time.perf_counter() - t0
     a = np.array(lat) * 1000
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "rps": n / wall,
             "errors": errors}
 
 
-def in_process(runs: Path, image: np.ndarray, n: int) -> dict[str, float]:
-    """p50 ms of one-image calls to the services in this process (no HTTP, no Serve)."""
+def run_dirs(runs: Path | Mapping[str, Path], routes: tuple[str, ...]) -> dict[str, Path]:
+    """method -> run directory of the models these routes need. runs: the directory holding one run
+    per method (make demo's data/runs), or a mapping method -> run directory."""
+    needed = sorted({ROUTES[r][0] for r in routes})
+    if isinstance(runs, (str, Path)):
+        return {m: Path(runs) / m for m in needed}
+    return {m: Path(runs[m]) for m in needed}
+
+
+def in_process(runs: Path | Mapping[str, Path], image: np.ndarray, n: int,
+               routes: tuple[str, ...] = tuple(ROUTES)) -> dict[str, float]:
+    """p50 ms of one-image calls to the services in this process (no HTTP, no Serve); runs as in run_dirs."""
     from serve.services import load_service
 
-    svc = {m: load_service(m, runs / m) for m in ("stn_ranker", "coop_embed", "deml", "latent_retrieval", "trip")}
-    attrs = svc["latent_retrieval"].attributes()
-    adjust = np.full((1, len(attrs)), np.nan)
-    adjust[0, 0] = 1.0
-    prefer = np.ones((1, len(attrs)))
-    prefer[0, 0] = 2.0
-    calls = {
-        "rank": lambda: svc["stn_ranker"].rank([image]),
-        "compare": lambda: svc["stn_ranker"].compare([(image, image)]),
-        "search coop_embed": lambda: svc["coop_embed"].search([image], 10),
-        "search deml": lambda: svc["deml"].search([image], 10),
-        "face search": lambda: svc["latent_retrieval"].search(svc["latent_retrieval"].encode([image]), adjust, prefer, 10),
-        "translate": lambda: svc["trip"].translate([image], np.ones((1, len(svc["trip"].attributes())), np.float32)),
-    }
+    svc = {m: load_service(m, run) for m, run in run_dirs(runs, routes).items()}
+    calls: dict[str, Callable[[], Any]] = {}
+    if "stn_ranker" in svc:
+        calls["rank"] = lambda: svc["stn_ranker"].rank([image])
+        calls["compare"] = lambda: svc["stn_ranker"].compare([(image, image)])
+    for m in ("coop_embed", "deml"):
+        if m in svc:
+            calls[f"search {m}"] = lambda m=m: svc[m].search([image], 10)
+    if "latent_retrieval" in svc:
+        attrs = svc["latent_retrieval"].attributes()
+        adjust = np.full((1, len(attrs)), np.nan)
+        adjust[0, 0] = 1.0
+        prefer = np.ones((1, len(attrs)))
+        prefer[0, 0] = 2.0
+        calls["face search"] = lambda: svc["latent_retrieval"].search(svc["latent_retrieval"].encode([image]), adjust,
+                                                                       prefer, 10)
+    if "trip" in svc:
+        calls["translate"] = lambda: svc["trip"].translate([image], np.ones((1, len(svc["trip"].attributes())), np.float32))
+    calls = {r: calls[r] for r in routes}
     out = {}
     for route, call in calls.items():
         call()  # warm-up
@@ -96,6 +116,78 @@ def in_process(runs: Path, image: np.ndarray, n: int) -> dict[str, float]:
     return out
 
 
+def png_b64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _deployed_at(app: str) -> float | None:
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception:  # Serve not started yet
+        return None
+    return apps[app].last_deployed_time_s if app in apps else None
+
+
+def measure(runs: Path | Mapping[str, Path], image: np.ndarray, routes: tuple[str, ...], concurrency: tuple[int, ...],
+            requests_per_level: int, *, batches: tuple[int, ...] = (16, 1), warmup: int = 10, cpus: float = 0.5,
+            timeout: float = 300, log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Deploy the routes' models (on a running Ray, or a local one of 4 CPUs), once per max_batch_size
+    in `batches` (16 = batching on, 1 = off: a user_config change, applied to the running replicas
+    without a restart), drive every route at every concurrency with one-image requests (base64
+    JSON), then shut Serve down; returns "route|batch=B|c=C" -> drive()'s result."""
+    import ray
+    from ray import serve
+
+    from serve.cli import deploy, load_config, wait_running
+    from serve.config import write_config
+    from shards.format import ShardError
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    models = {m: {"run": str(run)} for m, run in run_dirs(runs, routes).items()}
+    b64 = png_b64(image)
+    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    port = _port()  # one HTTP port: a running Serve keeps its first http_options
+    url = f"http://127.0.0.1:{port}"
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for batch in batches:
+            before = _deployed_at("attrlab")
+            deploy(load_config(write_config(tmp / f"serve-{batch}.yaml", models, port, max_batch_size=batch, cpus=cpus)),
+                   timeout)
+            deadline = time.time() + timeout
+            while _deployed_at("attrlab") == before:  # deploy() saw the new config, not the old RUNNING one
+                if time.time() > deadline:
+                    raise ShardError(f"max_batch_size={batch}: not applied after {timeout:g} s")
+                time.sleep(0.2)
+            wait_running(["attrlab"], timeout)
+            infos = {m["name"]: m for m in requests.get(f"{url}/v1/models", timeout=60).json()["models"]}
+            for route in routes:
+                model, path, body = ROUTES[route]
+                payload = json.dumps(body(b64, infos[model]))
+
+                def send(s: requests.Session, path: str = path, payload: str = payload) -> int:
+                    return s.post(url + path, data=payload, headers={"Content-Type": "application/json"},
+                                  timeout=120).status_code
+
+                if warmup:
+                    drive(send, warmup, min(2, warmup))
+                for c in concurrency:
+                    r = drive(send, max(requests_per_level, 4 * c), c)
+                    results[f"{route}|batch={batch}|c={c}"] = r
+                    log(f"{route:18s} batch={batch:2d} c={c:2d}  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
+                        f"{r['rps']:7.1f} req/s  errors {r['errors']}")
+    finally:
+        serve.shutdown()
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, required=True)
@@ -105,40 +197,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     import ray
-    from PIL import Image
-    from ray import serve
-
-    from serve.cli import deploy, load_config
-    from serve.config import write_config
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    b64 = base64.b64encode(buf.getvalue()).decode()
-    results: dict[str, Any] = {"in_process_p50_ms": in_process(a.runs, image, 50)}
+    results: dict[str, Any] = {"in_process_p50_ms": in_process(a.runs, image, 50, tuple(a.routes))}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    for batch in (16, 1):
-        port = _port()
-        models = {m: {"run": str(a.runs / m)} for m in ("stn_ranker", "trip", "coop_embed", "deml", "latent_retrieval")}
-        deploy(load_config(write_config(tmp / f"serve-{batch}.yaml", models, port, max_batch_size=batch)), 300)
-        url = f"http://127.0.0.1:{port}"
-        infos = {m["name"]: m for m in requests.get(f"{url}/v1/models", timeout=60).json()["models"]}
-        for route in a.routes:
-            model, path, body = ROUTES[route]
-            payload = json.dumps(body(b64, infos[model]))
-
-            def send(s: requests.Session, path: str = path, payload: str = payload) -> int:
-                return s.post(url + path, data=payload, headers={"Content-Type": "application/json"}, timeout=120).status_code
-
-            drive(send, 10, 2)  # warm-up
-            for c in a.concurrency:
-                r = drive(send, max(a.requests, 4 * c), c)
-                results[f"{route}|batch={batch}|c={c}"] = r
-                print(f"{route:18s} batch={batch:2d} c={c:2d}  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
-                      f"{r['rps']:7.1f} req/s  errors {r['errors']}", flush=True)
-        serve.shutdown()
+    results.update(measure(a.runs, image, tuple(a.routes), tuple(a.concurrency), a.requests,
+                           log=lambda line: print(line, flush=True)))
     print("\n| route | in-process p50 ms | c | batching on: p50 / p99 ms, req/s | off: p50 / p99 ms, req/s | on/off req/s |")
     print("|---|---|---|---|---|---|")
     for route in a.routes:

@@ -119,6 +119,33 @@ def ray_data_rate(root: Path, n: int) -> float:
         ray.shutdown()
 
 
+PIPELINES: dict[str, Callable[[Path, int], Iterator[dict]]] = {"shards": run_shards, "wds": run_wds, "files": run_files}
+
+
+def pipeline_files(root: Path, name: str) -> list[Path]:
+    """The files a pipeline reads (evicted from the page cache for a cold measurement)."""
+    if name == "files":
+        return [q for p in file_list(root) for q in (p, p.with_suffix(".json"))]
+    return shard_paths(root, "train")[0]
+
+
+def measure(root: Path, n: int, repeats: int, pipelines: tuple[str, ...] = ("shards", "wds", "files"),
+            caches: tuple[str, ...] = ("warm", "cold")) -> dict[tuple[str, str], float]:
+    """(pipeline, cache) -> median samples/s of `repeats` interleaved runs of n samples each, in this
+    process (set torch's threads first for a per-core figure). Warm runs are preceded by a short
+    pass that fills the page cache; cold runs start with the pipeline's files evicted."""
+    samples: dict[tuple[str, str], list[float]] = {}
+    for cache in caches:
+        for _ in range(repeats):  # interleaved repeats; the median is reported
+            for name in pipelines:
+                if cache == "cold":
+                    evict(pipeline_files(root, name))
+                else:
+                    time_it(PIPELINES[name], root, min(n, 300))  # warm the page cache and the code paths
+                samples.setdefault((name, cache), []).append(time_it(PIPELINES[name], root, n))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("data/bench"))
@@ -129,19 +156,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     root = ensure_data(a.out, a.count)
-    shard_files = shard_paths(root, "train")[0]
-    pipes = (("shards", run_shards, shard_files), ("wds", run_wds, shard_files), ("files", run_files, None))
-    samples: dict[tuple[str, str], list[float]] = {}
-    for cache in ("warm", "cold"):
-        for _ in range(a.repeats):  # interleaved repeats; the median is reported
-            for name, fn, files in pipes:
-                paths = files if files is not None else [q for p in file_list(root) for q in (p, p.with_suffix(".json"))]
-                if cache == "cold":
-                    evict(paths)
-                else:
-                    time_it(fn, root, min(a.n, 300))  # warm the page cache and the code paths
-                samples.setdefault((name, cache), []).append(time_it(fn, root, a.n))
-    rows = [(n, c, statistics.median(v)) for (n, c), v in samples.items()]
+    rates = measure(root, a.n, a.repeats)
+    rows = [(n, c, r) for (n, c), r in rates.items()]
     if a.ray:
         rows.append(("ray_data", "warm", ray_data_rate(root, a.n)))
     rate = {(n, c): r for n, c, r in rows}

@@ -9,6 +9,7 @@ from shards.format import ShardError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bench import cli as bench_cli
     from cluster import submit as submit_cli
     from jobs import cli_train, index, latent, quickstart, report, tune
     from serve import cli as serve_cli
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub)
     quickstart.add_parser(sub)
     submit_cli.add_parsers(sub)
+    bench_cli.add_parser(sub)
     return p
 
 

@@ -63,7 +63,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if supported else None
 
 
-def _infinite(loader: Any) -> Iterator[dict[str, Any]]:
+def train_loader(method: registry.Method, cfg: Any, data: str | Path) -> Any:
+    """This rank's training loader for `method` (also what bench/data_bench.py times)."""
+    kind = method.data_kind
+    # a pair-trained model that ranks a subset of attributes reads only those pairs
+    ranked = tuple(getattr(cfg.model, "attributes", ())) if kind == "pairs" else ()
+    return make_loader(data, cfg.data.train_split, mode="train", cfg=cfg.data.loader, augment=cfg.data.augment,
+                       kind="pairs" if kind == "pairs" else "samples",
+                       batching="class_balanced" if kind == "class_balanced" else "none", pair_attributes=ranked)
+
+
+def infinite(loader: Any) -> Iterator[dict[str, Any]]:
     epoch = 0
     while True:
         loader.dataset.set_epoch(epoch)
@@ -168,12 +178,7 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
         meta = method.prepare_meta(meta, Path(job.data), cfg.data.train_split)
         reporter.meta_json = meta.to_json()
     model = method.build(cfg.model, meta).to(device)
-    kind = method.data_kind
-    # a pair-trained model that ranks a subset of attributes reads only those pairs
-    ranked = tuple(getattr(cfg.model, "attributes", ())) if kind == "pairs" else ()
-    loader = make_loader(job.data, cfg.data.train_split, mode="train", cfg=cfg.data.loader, augment=cfg.data.augment,
-                         kind="pairs" if kind == "pairs" else "samples",
-                         batching="class_balanced" if kind == "class_balanced" else "none", pair_attributes=ranked)
+    loader = train_loader(method, cfg, job.data)
     micro = loader.dataset.batch_size()
     engines = Engines(model, method.optim_groups(model, cfg.model), cfg.optim, cfg.schedule, cfg.deepspeed, micro)
     start = 0
@@ -188,7 +193,7 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
             shutil.rmtree(restored, ignore_errors=True)
     info = StepInfo(step=start, max_steps=cfg.schedule.max_steps, device=device,
                     autocast_dtype=autocast_dtype(cfg.deepspeed.precision, device))
-    batches = _infinite(loader)
+    batches = infinite(loader)
     metrics: dict[str, float] = {}
     t0, seen = time.perf_counter(), 0
     ga = cfg.schedule.grad_accum
@@ -233,4 +238,6 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
                     save_snapshot(method, engines.module, cfg, job, meta, step)
         if step % cfg.checkpoint.every_steps == 0 or last:
             reporter.checkpoint(engines, step, {"step": step, **metrics}, cfg, method)
+        if step % cfg.eval.every_steps == 0 or step % cfg.checkpoint.every_steps == 0:
+            t0, seen = time.perf_counter(), 0  # samples_per_s measures training steps, not validation or saving
     return metrics

@@ -1,0 +1,56 @@
+"""bench/core.py: rows are checked, BENCHMARKS.md merges by figure id and keeps what a run did not
+re-measure (the last GPU figures survive a CPU-only run)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bench.core import read_rows, row, write_markdown
+from jobs.cli import main
+
+
+def test_row_ratio_defaults_to_ours_over_baseline_and_checks_its_shape() -> None:
+    r = row("serve/batching_c32_rank", "batched vs unbatched", 30.0, "req/s", baseline=20.0, goal=">= 3x", met=False)
+    assert r.ratio == pytest.approx(1.5) and r.group == "serve" and r.machine and r.measured
+    r.check()
+    with pytest.raises(ValueError, match="a goal needs a verdict"):
+        dataclasses.replace(r, met=None).check()
+    with pytest.raises(ValueError, match="not a finite number"):
+        dataclasses.replace(r, ours=float("nan")).check()
+    with pytest.raises(ValueError, match="must start with its group"):
+        dataclasses.replace(r, group="train").check()
+
+
+def test_markdown_merges_by_id_and_keeps_rows_a_run_did_not_measure(tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    gpu = row("gpu/mfu_resnet50", "MFU", 41.0, "%", goal=">= 35%", met=True)
+    old = row("train/ray_overhead", "TorchTrainer vs in-process", 90.0, "samples/s", baseline=100.0,
+              goal=">= 0.95", met=False, note="worker start-up")
+    write_markdown([gpu, old], md)
+    new = dataclasses.replace(old, ours=97.0, ratio=0.97, met=True, note="")
+    rows = write_markdown([new], md)
+    assert {r.id: r for r in rows} == {"gpu/mfu_resnet50": gpu, "train/ray_overhead": new}
+    assert read_rows(md) == rows
+    text = md.read_text()
+    assert "| train/ray_overhead |" in text and "| gpu/mfu_resnet50 |" in text
+    assert "2 goals met, 0 not met" in text and "Goals not met" not in text
+    write_markdown([dataclasses.replace(new, met=False, note="bound by 2 cores")], md)
+    assert "- **train/ray_overhead**: bound by 2 cores" in md.read_text()
+
+
+def test_bench_cli_refuses_an_unknown_group(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_every_group_module_exists_with_run() -> None:
+    import importlib
+
+    from bench.cli import GROUPS
+
+    for name, target in GROUPS.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
