@@ -37,7 +37,7 @@ sweep: install
 	$(BIN)/attrlab eval $(DATA)/runs/stn_ranker_tuned
 
 bench: install
-	$(BIN)/python -m bench.shard_read --out $(DATA)/bench
+	$(BIN)/attrlab bench all --work $(DATA)/bench --runs $(DATA)/runs
 
 clean:
 	rm -rf $(DATA) .pytest_cache

@@ -8,6 +8,7 @@ run has no GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -16,7 +17,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 TABLE_BEGIN = "<!-- attrlab bench rows: generated, keep this line -->"
 TABLE_END = "<!-- end of attrlab bench rows -->"
@@ -148,3 +149,16 @@ def write_markdown(rows: list[Row], path: Path, intro: str = "") -> list[Row]:
 
 
 Group = Callable[[Any], list[Row]]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to n for a measurement, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

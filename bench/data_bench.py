@@ -18,7 +18,6 @@ ctx.work and reused between runs.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import socket
@@ -26,11 +25,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from bench.core import Row, row
+from bench.core import Row, row, torch_threads
 
 
 @dataclass(frozen=True)
@@ -62,16 +61,6 @@ def run(ctx: Any) -> list[Row]:
     for method, dataset in LOADER_METHODS.items():
         rows.append(loader_vs_step(method, data[dataset], sizes, deepspeed=not ctx.smoke))
     return rows
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def embedded(work: Path, name: str, count: int, size: int | None = None) -> Path:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from bench.core import Row, at_least, row
+from bench.core import Row, at_least, row, torch_threads
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_ROWS = 2
@@ -129,18 +129,6 @@ def samples_per_step(run: Path) -> int:
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     return cfg["data"]["loader"]["batch_size"] * cfg["schedule"]["grad_accum"] * cfg["scaling"]["workers"]
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
