@@ -60,22 +60,24 @@ def dir_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
 
 
-def ensure_room(dest: Path, need: int, reserve_mb: float, step: int, previous: str) -> None:
+def ensure_room(dest: Path, need: int, reserve_mb: float, step: int) -> None:
     """Refuse a checkpoint that cannot fit before a byte of it is written: a half-copied
     checkpoint on shared storage is worse than none. Probes writability (os.access says yes to
     root on a read-only mount) and compares free space with the checkpoint's measured size."""
-    fix = f"free space there or set scaling.storage_path to other storage; {previous}"
+    def fix() -> str:  # scans the run's checkpoints: only when refusing, not on every save
+        return f"free space there or set scaling.storage_path to other storage; {previous_note(dest)}"
+
     try:
         probe = dest / f".attrlab-write-probe-{os.getpid()}"
         probe.write_bytes(b"0")
         probe.unlink()
         free = shutil.disk_usage(dest).free
     except OSError as e:
-        raise CheckpointError(f"{dest}: cannot write the step {step} checkpoint ({e.strerror}); {fix}") from None
+        raise CheckpointError(f"{dest}: cannot write the step {step} checkpoint ({e.strerror}); {fix()}") from None
     reserve = int(reserve_mb * 2**20)
     if free < need + reserve:
         raise CheckpointError(f"{dest}: {free / 2**20:.1f} MiB free, the step {step} checkpoint needs "
-                              f"{need / 2**20:.1f} MiB (+ checkpoint.min_free_mb={reserve_mb:g}); {fix}")
+                              f"{need / 2**20:.1f} MiB (+ checkpoint.min_free_mb={reserve_mb:g}); {fix()}")
 
 
 def previous_note(run_dir: Path) -> str:
@@ -262,6 +264,6 @@ class RayReporter(Reporter):
             need = sum_over_ranks(dir_bytes(Path(tmp)))  # every rank's files land in one directory
             where = storage_dir(self.run_dir, cfg.scaling.storage_path)
             if where is not None:  # object stores: Ray's upload reports its own errors
-                ensure_room(where, need, cfg.checkpoint.min_free_mb, step, previous_note(where))
+                ensure_room(where, need, cfg.checkpoint.min_free_mb, step)
             # every rank reports its own files; Ray merges them into one checkpoint directory
             ray.train.report({"step": step, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
