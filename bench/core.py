@@ -111,15 +111,17 @@ def _cells(r: Row) -> list[str]:
 HEADER = ["figure", "what", "attrlab", "comparison", "ratio", "goal", "verdict", "machine", "measured", "note"]
 
 
+ROWS_JSON = "<!-- rows-json: "  # the rows as JSON, one line, after the table; hand-written notes may follow it
+
+
 def read_rows(path: Path) -> list[Row]:
     """The rows of an existing BENCHMARKS.md (kept in a JSON comment next to the table)."""
     if not path.is_file():
         return []
     text = path.read_text()
-    marker = "<!-- rows-json: "
-    if marker not in text:
+    if ROWS_JSON not in text:
         return []
-    blob = text.split(marker, 1)[1].split(" -->", 1)[0]
+    blob = text.split(ROWS_JSON, 1)[1].split(" -->", 1)[0]
     return [Row(**r) for r in json.loads(blob)]
 
 
@@ -136,16 +138,27 @@ def write_markdown(rows: list[Row], path: Path, intro: str = "") -> list[Row]:
         "Written by `attrlab bench all` (one group: `attrlab bench GROUP`); a group's re-run replaces "
         "its rows and keeps the rest, so GPU figures stay when a later run has no GPU."), "", TABLE_BEGIN,
         "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    for r in allrows:
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |")
+    for r in allrows:  # a "|" inside a cell (a norm, ||r||) is escaped, as GitHub's tables read it
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |")
     missed = [r for r in allrows if r.met is False]
     lines += [TABLE_END, "", f"{sum(r.met is True for r in allrows)} goals met, {len(missed)} not met, "
               f"{sum(r.met is None for r in allrows)} figures without a goal.", ""]
     if missed:
         lines += ["## Goals not met", ""] + [f"- **{r.id}**: {r.note or 'no analysis yet'}" for r in missed] + [""]
-    lines.append("<!-- rows-json: " + json.dumps([dataclasses.asdict(r) for r in allrows]) + " -->")
-    path.write_text("\n".join(lines) + "\n")
+    lines.append(ROWS_JSON + json.dumps([dataclasses.asdict(r) for r in allrows]) + " -->")
+    path.write_text("\n".join(lines) + "\n" + _notes(path))
     return allrows
+
+
+def _notes(path: Path) -> str:
+    """The hand-written text after the rows-json line (profiles, how to read a figure): kept as is."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    if ROWS_JSON not in text:
+        return ""
+    after = text.split(ROWS_JSON, 1)[1]
+    return after.split("\n", 1)[1] if "\n" in after else ""
 
 
 Group = Callable[[Any], list[Row]]

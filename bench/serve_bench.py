@@ -20,6 +20,7 @@ import base64
 import concurrent.futures as cf
 import io
 import json
+import os
 import socket
 import tempfile
 import time
@@ -46,10 +47,51 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def drive(send: Callable[[requests.Session], int], n: int, concurrency: int) -> dict[str, float]:
-    """n requests from `concurrency` clients; latency percentiles (ms), throughput (req/s) and the
-    number of answers other than 200 (`send` returns the status code)."""
+# Serve's processes on this machine, by role: matched in /proc/<pid>/cmdline (Ray names an actor's
+# process "ray::<class>", a replica "ray::ServeReplica:<app>:<deployment>")
+ROLES = {"proxy": "ray::ProxyActor", "gateway": "ray::ServeReplica:attrlab:gateway",
+         "model": "ray::ServeReplica:attrlab:model-"}
+
+
+def serve_pids() -> dict[str, list[int]]:
+    """role -> pids of Serve's local processes (empty lists on a remote cluster or off Linux)."""
+    out: dict[str, list[int]] = {r: [] for r in ROLES}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        for role, tag in ROLES.items():
+            if cmd.startswith(tag):
+                out[role].append(int(d.name))
+    return out
+
+
+def cpu_seconds(pids: Mapping[str, list[int]]) -> dict[str, float]:
+    """role -> CPU seconds (user + system) its processes used so far; "client" is this process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for role, ps in pids.items():
+        total = 0
+        for pid in ps:
+            try:  # fields 14-15 of /proc/<pid>/stat (after the parenthesised name): utime, stime
+                total += sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+            except OSError:
+                pass
+        out[role] = total / tick
+    t = os.times()
+    out["client"] = t.user + t.system
+    return out
+
+
+def drive(send: Callable[[requests.Session], int], n: int, concurrency: int,
+          pids: Mapping[str, list[int]] | None = None) -> dict[str, Any]:
+    """n requests from `concurrency` clients; latency percentiles (ms), throughput (req/s), the
+    number of answers other than 200 (`send` returns the status code) and, given Serve's local
+    pids by role, the CPU ms each role spent per request ("cpu_ms": the profile of where a
+    request's cost goes; the client's own threads included)."""
     lat: list[float] = []
+    c0 = cpu_seconds(pids) if pids else {}
 
     def client(count: int) -> int:
         errors = 0
@@ -67,8 +109,12 @@ def drive(send: Callable[[requests.Session], int], n: int, concurrency: int) -> 
         errors = sum(pool.map(client, per))
     wall = time.perf_counter() - t0
     a = np.array(lat) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "rps": n / wall,
-            "errors": errors}
+    out: dict[str, Any] = {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+                           "rps": n / wall, "errors": errors}
+    if pids:
+        c1 = cpu_seconds(pids)
+        out["cpu_ms"] = {role: (c1[role] - c0[role]) * 1000 / n for role in c1}
+    return out
 
 
 def run_dirs(runs: Path | Mapping[str, Path], routes: tuple[str, ...]) -> dict[str, Path]:
@@ -168,6 +214,7 @@ def measure(runs: Path | Mapping[str, Path], image: np.ndarray, routes: tuple[st
                 time.sleep(0.2)
             wait_running(["attrlab"], timeout)
             infos = {m["name"]: m for m in requests.get(f"{url}/v1/models", timeout=60).json()["models"]}
+            pids = serve_pids()
             for route in routes:
                 model, path, body = ROUTES[route]
                 payload = json.dumps(body(b64, infos[model]))
@@ -179,7 +226,7 @@ def measure(runs: Path | Mapping[str, Path], image: np.ndarray, routes: tuple[st
                 if warmup:
                     drive(send, warmup, min(2, warmup))
                 for c in concurrency:
-                    r = drive(send, max(requests_per_level, 4 * c), c)
+                    r = drive(send, max(requests_per_level, 4 * c), c, pids)
                     results[f"{route}|batch={batch}|c={c}"] = r
                     log(f"{route:18s} batch={batch:2d} c={c:2d}  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
                         f"{r['rps']:7.1f} req/s  errors {r['errors']}")

@@ -116,21 +116,35 @@ def tiny_stn_run(work: Path) -> Path:
     return out
 
 
-def _limits(route: str, on: Mapping[str, float], off: Mapping[str, float], serve1: float, inproc: float) -> str:
-    """What keeps batching from 3x on this machine (docs/RESULTS.md, serving), with this run's numbers."""
+def _limits(route: str, on: Mapping[str, Any], off: Mapping[str, Any], serve1: float, inproc: float) -> str:
+    """What keeps batching from 3x on this machine, with this run's numbers: where each request's CPU
+    went at full load (serve_bench.drive's per-process accounting), else the latency difference."""
     cores = os.cpu_count() or 1
-    fixed = max(serve1 - inproc, 0.0)
-    text = (f"Serve's fixed cost per request (HTTP proxy, FastAPI ingress: base64 + PNG decoding and validation, "
-            f"two actor hops) is {fixed:.1f} ms here against {inproc:.1f} ms of model time, and it does not batch; "
-            f"client threads, proxy, ingress and replicas share {cores} cores, so throughput saturates at "
-            f"{max(on['rps'], off['rps']):.0f} req/s whatever the model does")
-    if inproc > fixed:
-        text += (f"; the model is compute-bound on CPU ({inproc:.1f} ms per image in-process): a batch of 16 costs "
-                 "about 16 single calls, so batching cannot gain here (on a GPU a batch costs about one call)")
+    cpu_on, cpu_off = on.get("cpu_ms") or {}, off.get("cpu_ms") or {}
+    if cpu_on and cpu_off:
+        total_on, total_off = sum(cpu_on.values()), sum(cpu_off.values())
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in cpu_on.items())
+        text = (f"CPU per request at full load, batching on: {parts} = {total_on:.1f} ms (off: {total_off:.1f} ms, "
+                f"model replica {cpu_off.get('model', 0.0):.1f}); on {cores} cores that caps throughput at "
+                f"{cores * 1000 / total_on:.0f} req/s (measured {on['rps']:.0f}). Batching only shrinks the model "
+                f"replica's share (in-process model call {inproc:.1f} ms at batch 1); the HTTP proxy, the FastAPI "
+                f"gateway and the actor hops cost {cpu_on.get('proxy', 0.0) + cpu_on.get('gateway', 0.0):.1f} ms "
+                "per request whatever the batch")
+        compute_bound = cpu_on.get("model", 0.0) > total_on / 2
+    else:  # processes not visible (a remote cluster): the latency difference at concurrency 1
+        fixed = max(serve1 - inproc, 0.0)
+        text = (f"Serve's fixed cost per request (HTTP proxy, FastAPI gateway, two actor hops) is {fixed:.1f} ms "
+                f"here against {inproc:.1f} ms of model time, and it does not batch; throughput saturates at "
+                f"{max(on['rps'], off['rps']):.0f} req/s")
+        compute_bound = inproc > fixed
+    if compute_bound:
+        text += (f"; the model is compute-bound on CPU ({inproc:.1f} ms per image in-process): a batch costs "
+                 "nearly as many single calls (methods/infer_* measures this CPU's per-image gain from batch 32), "
+                 "so batching cannot reach 3x here (on a GPU a batch costs about one call)")
     return text
 
 
-def figures(results: Mapping[str, Mapping[str, float]], inproc: Mapping[str, float], routes: tuple[str, ...],
+def figures(results: Mapping[str, Mapping[str, Any]], inproc: Mapping[str, float], routes: tuple[str, ...],
             c: int = CONCURRENCY) -> list[Row]:
     """Rows from serve_bench.measure()'s results (batch 16 and 1 at concurrency 1 and c) and
     in_process()'s p50s. A level that had failed requests makes its rows' verdict not met."""

@@ -35,6 +35,8 @@ from typing import Any, Mapping
 from shards.format import ShardError
 
 MODEL_KEYS = ("run", "index")
+# Serve's throughput switches for the application's replicas, as serve/serve.yaml sets them (why: there)
+SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}
 
 
 def check_args(args: Mapping[str, Any]) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
@@ -91,6 +93,7 @@ def write_config(path: Path, models: Mapping[str, Mapping[str, str]], port: int,
     deps.append({"name": "gateway", "num_replicas": 1, "ray_actor_options": {"num_cpus": cpus}})
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": "attrlab", "route_prefix": "/", "import_path": "serve.app:build_app",
+                             "runtime_env": {"env_vars": dict(SERVE_ENV)},
                              "args": {"models": {n: dict(m) for n, m in models.items()}}, "deployments": deps}]}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -38,6 +38,13 @@ def test_markdown_merges_by_id_and_keeps_rows_a_run_did_not_measure(tmp_path: Pa
     assert "2 goals met, 0 not met" in text and "Goals not met" not in text
     write_markdown([dataclasses.replace(new, met=False, note="bound by 2 cores")], md)
     assert "- **train/ray_overhead**: bound by 2 cores" in md.read_text()
+    # hand-written notes after the rows survive a re-run; a "|" in a cell is escaped, not lost
+    md.write_text(md.read_text() + "\n## Profiles\npy-spy says: decode\n")
+    write_markdown([dataclasses.replace(new, note="d = ||r_q - r||^2")], md)
+    text = md.read_text()
+    assert text.endswith("\n## Profiles\npy-spy says: decode\n") and text.count("## Profiles") == 1
+    assert "d = \\|\\|r_q - r\\|\\|^2" in text
+    assert {r.id: r for r in read_rows(md)}["train/ray_overhead"].note == "d = ||r_q - r||^2"
 
 
 def test_bench_cli_refuses_an_unknown_group(capsys: pytest.CaptureFixture[str]) -> None:

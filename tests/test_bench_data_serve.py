@@ -92,10 +92,14 @@ def test_drive_counts_the_answers_that_are_not_200() -> None:
         return s.post(url + ("/missing" if i % 3 == 0 else "/ok"), data="{}", timeout=10).status_code
 
     try:
-        r = serve_bench.drive(send, 30, 4)
+        r = serve_bench.drive(send, 60, 4, pids={"server": [os.getpid()]})
     finally:
         server.shutdown()
-    assert r["errors"] == 10 and r["rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+    assert r["errors"] == 20 and r["rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+    # the server runs in this process: /proc/<pid>/stat and os.times() account the same CPU, to a clock tick
+    cpu = r["cpu_ms"]
+    assert set(cpu) == {"server", "client"} and cpu["client"] > 0
+    assert cpu["server"] == pytest.approx(cpu["client"], abs=2 * 1000 / os.sysconf("SC_CLK_TCK") / 60)
 
 
 def _recorded(rps_on: float, rps_off: float, errors: int = 0) -> dict:
@@ -120,6 +124,20 @@ def test_serve_rows_from_a_recorded_measurement() -> None:
     assert bad["serve/batching_c32_rank"].met is False and "3 requests failed" in bad["serve/batching_c32_rank"].note
 
 
+def test_serve_limit_note_from_the_cpu_per_request() -> None:
+    rec = _recorded(12.0, 10.0)
+    rec["rank|batch=16|c=32"]["cpu_ms"] = {"proxy": 4.0, "gateway": 6.0, "model": 3.0, "client": 1.0}
+    rec["rank|batch=1|c=32"]["cpu_ms"] = {"proxy": 4.0, "gateway": 6.0, "model": 5.0, "client": 1.0}
+    note = {r.id: r for r in serve_figures.figures(rec, {"rank": 2.0}, ("rank",))}["serve/batching_c32_rank"].note
+    cores = os.cpu_count() or 1
+    assert "= 14.0 ms (off: 16.0 ms, model replica 5.0)" in note
+    assert f"caps throughput at {cores * 1000 / 14:.0f} req/s" in note and "cost 10.0 ms per request" in note
+    assert "compute-bound" not in note  # the model replica is 3 of 14 ms
+    rec["rank|batch=16|c=32"]["cpu_ms"]["model"] = 20.0
+    note = {r.id: r for r in serve_figures.figures(rec, {"rank": 2.0}, ("rank",))}["serve/batching_c32_rank"].note
+    assert "compute-bound" in note
+
+
 def test_serve_without_runs_tells_to_run_make_demo(tmp_path: Path) -> None:
     from shards.format import ShardError
 
@@ -140,6 +158,8 @@ def test_serve_smoke_deploys_a_tiny_run(ray_session: object, tiny_attrworld: Pat
     for r in rows:
         r.check()
         assert "failed" not in r.note and r.ours > 0
+        if r.id.startswith("serve/batching") and not r.met:  # Serve's local processes were found and accounted
+            assert "CPU per request at full load, batching on: proxy" in r.note, r.note
 
 
 def test_gpu_arithmetic_and_flop_counting() -> None:

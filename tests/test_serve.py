@@ -22,6 +22,7 @@ import yaml
 from PIL import Image
 
 from jobs.cli import main
+from serve.config import SERVE_ENV
 from tests.test_train import SMALL
 
 pytestmark = pytest.mark.slow
@@ -75,6 +76,7 @@ def runs(tiny_attrworld: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 def _config(path: Path, runs: dict[str, Path], port: int, stn_run: Path | None = None) -> Path:
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": "attrlab", "route_prefix": "/", "import_path": "serve.app:build_app",
+                             "runtime_env": {"env_vars": dict(SERVE_ENV)},  # as serve.yaml
                              "args": {"models": {"stn": {"run": str(stn_run or runs["stn_ranker"])},
                                                  "coop": {"run": str(runs["coop_embed"])},
                                                  "faces": {"run": str(runs["latent_retrieval"])},
@@ -258,6 +260,20 @@ def _sample(text: str, name: str, **tags: str) -> float:
 
 
 def test_concurrent_requests_share_batches(server: str) -> None:
+    def counts() -> tuple[float, float]:  # (model calls, calls of one item) of stn's rank so far
+        text = _metrics_text()
+        return (_sample(text, "ray_attrlab_batch_size_count", model="stn", op="rank"),
+                _sample(text, "ray_attrlab_batch_size_bucket", model="stn", op="rank", le="1.0"))
+
+    # the counters are cumulative (earlier tests, earlier apps serving a model named "stn"): wait until
+    # they are still, then count this test's calls as the difference
+    before, deadline = counts(), time.time() + 30
+    while time.time() < deadline:
+        time.sleep(3)
+        now = counts()
+        if now == before:
+            break
+        before = now
     img = _b64(_png(11))
     with cf.ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(lambda _: requests.post(f"{server}/v1/rank/stn", json={"images": [img]},
@@ -265,9 +281,8 @@ def test_concurrent_requests_share_batches(server: str) -> None:
     assert codes == [200] * 32
     deadline, batches, singles = time.time() + 60, 0.0, 0.0
     while time.time() < deadline:  # Ray exports metrics every few seconds
-        text = _metrics_text()
-        batches = _sample(text, "ray_attrlab_batch_size_count", model="stn", op="rank")
-        singles = _sample(text, "ray_attrlab_batch_size_bucket", model="stn", op="rank", le="1.0")
+        now = counts()
+        batches, singles = now[0] - before[0], now[1] - before[1]
         if batches and batches > singles:
             break
         time.sleep(2)

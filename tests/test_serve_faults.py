@@ -27,6 +27,7 @@ import yaml
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from jobs.cli import main
+from serve.config import SERVE_ENV
 from serve.deployments import NODE_HEADER, REPLICA_HEADER, call_model, replica_failed, served_headers
 from serve.schemas import RequestError
 from tests.test_serve import _b64, _free_port, _png, trained_runs
@@ -115,6 +116,7 @@ def spread(ray_cluster: object, tiny_attrworld: Path, tmp_path_factory: pytest.T
     port = _free_port()
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve.app:build_app",
+                             "runtime_env": {"env_vars": dict(SERVE_ENV)},  # as serve.yaml
                              "args": {"models": {"stn": {"run": str(run)}}},
                              "deployments": [
                                  {"name": DEPLOYMENT, "num_replicas": 2, "max_replicas_per_node": 1,
