@@ -4,7 +4,9 @@ One `Engines` object holds one optimiser per name the method declares ({"main"} 
 for a GAN). With DeepSpeed each optimiser becomes an engine over the model (a plain torch
 optimiser passed in: DeepSpeed's fused optimisers need GPU ops; gloo on CPU, nccl on GPU).
 Without DeepSpeed, gradients are all-reduced by hand after backward, which works whatever
-sub-module path a method's step takes through the model (DDP only syncs through forward()).
+sub-module path a method's step takes through the model (DDP only syncs through forward()),
+in flat buckets of DDP's default size (one collective per bucket, not one per tensor; DDP also
+overlaps its buckets with backward, which this post-backward path does not).
 
 Mixed precision is torch.autocast(bf16) in the method's step with fp32 master weights: the
 same numerics with and without DeepSpeed, and no bf16 parameter casting that the methods' uint8
@@ -21,6 +23,30 @@ from torch import nn
 
 from jobs.schema import DeepSpeedSection, OptimSection, ScheduleSection
 from models.registry import ParamGroup
+
+
+BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket_cap_mb
+
+
+def allreduce_mean(grads: list[torch.Tensor], world: int, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average `grads` in place over the process group: consecutive tensors of one dtype and device
+    are flattened into buckets of at most `bucket_bytes` (a larger tensor is a bucket of its own)
+    and each bucket is one all_reduce."""
+    buckets: list[list[torch.Tensor]] = []
+    size, key = 0, None
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if not buckets or (g.dtype, g.device) != key or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size, key = 0, (g.dtype, g.device)
+        buckets[-1].append(g)
+        size += nbytes
+    for b in buckets:
+        flat = torch.cat([g.reshape(-1) for g in b])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, part in zip(b, flat.split([g.numel() for g in b])):
+            g.copy_(part.view_as(g))
 
 
 def lr_factor(step: int, s: ScheduleSection) -> float:
@@ -123,10 +149,8 @@ class Engines:
         boundary = (self.micro + 1) % self.sched.grad_accum == 0
         if boundary:
             params = [p for g in self.optimizers[name].param_groups for p in g["params"] if p.grad is not None]
-            if self.world > 1:
-                for p in params:  # plain data parallel: average gradients over ranks
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.world
+            if self.world > 1:  # plain data parallel: average gradients over ranks
+                allreduce_mean([p.grad for p in params], self.world)
             if self.o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.o.grad_clip)
             self.optimizers[name].step()

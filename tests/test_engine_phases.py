@@ -3,6 +3,7 @@ module) and without, each named optimiser steps only its own parameters when eac
 keeps the other network out of the graph (models.registry.frozen / detach)."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,3 +44,40 @@ def test_each_phase_steps_only_its_own_parameters(world_of_one: None, deepspeed:
         moved = {k.split(".")[0] for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
         assert moved == {"gen" if name == "generator" else "critic"}, (name, moved)
         before = {k: v.clone() for k, v in m.state_dict().items()}
+
+
+
+# mixed shapes and dtypes; with 64-float buckets: a tensor larger than a bucket, buckets split by dtype
+_GRADS = (((3, 4), torch.float32), ((50,), torch.float32), ((2,), torch.float64), ((7, 7), torch.float32),
+          ((1,), torch.float32))
+
+
+def _draw(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return [torch.randn(s, generator=g, dtype=d) for s, d in _GRADS]
+
+
+def _allreduce_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from jobs.engine import allreduce_mean
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        grads = _draw(rank)
+        allreduce_mean(grads, 2, bucket_bytes=64 * 4)
+        torch.save(grads, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bucketed_allreduce_averages_every_gradient_over_ranks(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_allreduce_worker, args=(f"file://{tmp_path}/store", str(tmp_path)), nprocs=2, join=True)
+    want = [(a + b) / 2 for a, b in zip(_draw(0), _draw(1))]  # the naive oracle: the elementwise mean
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert [(g.dtype, g.shape) for g in got] == [(w.dtype, w.shape) for w in want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
