@@ -159,7 +159,7 @@ def loop_rate(method: str, data: Path, run_dir: Path, steps: int, log_every: int
     args = ["train", method, "--data", str(data), "--out", str(run_dir), "--local", "--max-steps", str(steps),
             *(["--config", str(config)] if config else [])]
     for s in [*sets, "scaling.workers=1", "tracking.enabled=false", f"schedule.log_every={log_every}",
-              "eval.max_batches=2", f"checkpoint.every_steps={10 * steps}"]:
+              f"eval.every_steps={10 * steps}", f"checkpoint.every_steps={10 * steps}"]:
         args += ["--set", s]
     if main(args) != 0:
         raise RuntimeError(f"attrlab {' '.join(args)} failed")

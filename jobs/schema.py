@@ -79,7 +79,13 @@ class CheckpointSection:
 @dataclass(frozen=True)
 class EvalSection:
     every_steps: int = 200
-    max_batches: int = 0  # validation batches per evaluation; 0 = the whole split
+    max_batches: int = 0  # kept so saved run configs still load: only 0 (the whole split) is supported
+
+    def __post_init__(self) -> None:
+        if self.max_batches != 0:  # was accepted and ignored; now a clear error instead of a silent no-op
+            raise ValueError(f"max_batches: {self.max_batches} is not supported: validation runs over the whole "
+                             "split (retrieval metrics need every gallery item); set 0, or validate on a smaller "
+                             "split (data.val_split)")
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ def test_yaml_and_overrides_build_typed_frozen_config(tmp_path: Path) -> None:
     ("", ["schedule.max_steps=0"], r"max_steps and schedule.grad_accum must be >= 1"),
     ("", ["optim"], r"--set 'optim': expected dotted.key=value"),
     ("", ["data.augment.size=99"], r"augment.size \(99\) must be in 1..augment.resize"),
+    ("eval:\n  max_batches: 2\n", [], r"eval: max_batches: 2 is not supported: validation runs over the whole split"),
 ])
 def test_bad_config_is_one_line_naming_key_and_file(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message) as e:
