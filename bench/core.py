@@ -114,22 +114,28 @@ HEADER = ["figure", "what", "attrlab", "comparison", "ratio", "goal", "verdict",
 ROWS_JSON = "<!-- rows-json: "  # the rows as JSON, one line, after the table; hand-written notes may follow it
 
 
+def _parts(path: Path) -> tuple[list[Row], str]:
+    """(rows, hand-written notes) of an existing BENCHMARKS.md: the rows from the JSON comment next to
+    the table, the notes as the text after that comment's line (profiles, how to read a figure)."""
+    text = path.read_text() if path.is_file() else ""
+    if ROWS_JSON not in text:
+        return [], ""
+    after = text.split(ROWS_JSON, 1)[1]
+    blob, _, rest = after.partition(" -->")
+    return [Row(**r) for r in json.loads(blob)], rest.split("\n", 1)[1] if "\n" in rest else ""
+
+
 def read_rows(path: Path) -> list[Row]:
     """The rows of an existing BENCHMARKS.md (kept in a JSON comment next to the table)."""
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    if ROWS_JSON not in text:
-        return []
-    blob = text.split(ROWS_JSON, 1)[1].split(" -->", 1)[0]
-    return [Row(**r) for r in json.loads(blob)]
+    return _parts(path)[0]
 
 
 def write_markdown(rows: list[Row], path: Path, intro: str = "") -> list[Row]:
     """Merge `rows` into BENCHMARKS.md by id (new ones replace old ones); returns all rows."""
     for r in rows:
         r.check()
-    merged = {r.id: r for r in read_rows(path)}
+    old, notes = _parts(path)
+    merged = {r.id: r for r in old}
     merged.update({r.id: r for r in rows})
     order = ["train", "data", "retrieval", "serve", "methods", "gpu"]
     allrows = sorted(merged.values(), key=lambda r: (order.index(r.group) if r.group in order else 99, r.id))
@@ -146,19 +152,10 @@ def write_markdown(rows: list[Row], path: Path, intro: str = "") -> list[Row]:
     if missed:
         lines += ["## Goals not met", ""] + [f"- **{r.id}**: {r.note or 'no analysis yet'}" for r in missed] + [""]
     lines.append(ROWS_JSON + json.dumps([dataclasses.asdict(r) for r in allrows]) + " -->")
-    path.write_text("\n".join(lines) + "\n" + _notes(path))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n" + notes)
+    tmp.replace(path)  # atomic: an interrupted write leaves the old file whole
     return allrows
-
-
-def _notes(path: Path) -> str:
-    """The hand-written text after the rows-json line (profiles, how to read a figure): kept as is."""
-    if not path.is_file():
-        return ""
-    text = path.read_text()
-    if ROWS_JSON not in text:
-        return ""
-    after = text.split(ROWS_JSON, 1)[1]
-    return after.split("\n", 1)[1] if "\n" in after else ""
 
 
 Group = Callable[[Any], list[Row]]

@@ -19,8 +19,6 @@ ctx.work and reused between runs.
 from __future__ import annotations
 
 import itertools
-import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from bench.core import Row, row, torch_threads
+from jobs.cli_train import world_of_one
 
 
 @dataclass(frozen=True)
@@ -148,21 +147,6 @@ def loader_rate(loader: Any, batches: int, keep: int) -> tuple[float, float, lis
     rate = batches * micro / (time.perf_counter() - t0)
     it.close()  # stops the loader's worker processes before the step is timed
     return rate, first, kept
-
-
-def world_of_one(backend: str = "gloo") -> None:
-    """A process group of one, as `attrlab train --local` sets up (DeepSpeed needs one)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend, rank=0, world_size=1)
 
 
 def stepper(method: Any, cfg: Any, model: torch.nn.Module, batches: list[dict[str, Any]], micro: int,

@@ -21,7 +21,6 @@ import concurrent.futures as cf
 import io
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import requests
+
+from cluster.connect import free_port
 
 ROUTES = {  # route -> (model name in the app, url suffix, body builder(image b64, info))
     "rank": ("stn_ranker", "/v1/rank/stn_ranker", lambda b, i: {"image": b}),
@@ -39,12 +40,6 @@ ROUTES = {  # route -> (model name in the app, url suffix, body builder(image b6
                     lambda b, i: {"image": b, "k": 10, "adjust": {i["attributes"][0]: 1.0}, "prefer": {i["attributes"][0]: 2.0}}),
     "translate": ("trip", "/v1/translate/trip", lambda b, i: {"image": b, "v": [1.0] * len(i["attributes"])}),
 }
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Serve's processes on this machine, by role: matched in /proc/<pid>/cmdline (Ray names an actor's
@@ -199,7 +194,7 @@ def measure(runs: Path | Mapping[str, Path], image: np.ndarray, routes: tuple[st
     models = {m: {"run": str(run)} for m, run in run_dirs(runs, routes).items()}
     b64 = png_b64(image)
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    port = _port()  # one HTTP port: a running Serve keeps its first http_options
+    port = free_port()  # one HTTP port: a running Serve keeps its first http_options
     url = f"http://127.0.0.1:{port}"
     results: dict[str, dict[str, float]] = {}
     try:

@@ -13,15 +13,14 @@ requests each, from a tiny run it trains itself when --runs has none.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from bench.core import Row, row
+from bench.core import Row, row, torch_threads
 from shards.format import ShardError
 
 SMOKE_ROUTES = ("rank", "compare")
@@ -40,7 +39,7 @@ def run(ctx: Any) -> list[Row]:
     runs, routes = served_runs(ctx)
     image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     c = 4 if ctx.smoke else CONCURRENCY
-    with one_thread():  # as a replica: Ray gives an actor of 0.5 CPU OMP_NUM_THREADS=1
+    with torch_threads(1):  # as a replica: Ray gives an actor of 0.5 CPU OMP_NUM_THREADS=1
         inproc = serve_bench.in_process(runs, image, 3 if ctx.smoke else 50, routes)
     started = not ray.is_initialized()  # measure() starts a local Ray of 4 CPUs when none is running
     try:
@@ -51,18 +50,6 @@ def run(ctx: Any) -> list[Row]:
         if started and ray.is_initialized():
             ray.shutdown()
     return figures(results, inproc, routes, c)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def served_runs(ctx: Any) -> tuple[dict[str, Path], tuple[str, ...]]:

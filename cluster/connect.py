@@ -19,6 +19,15 @@ import sys
 LOOPBACK = "127.0.0.1"
 
 
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (for a local server or process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 def auth_disabled() -> bool:
     return os.environ.get("RAY_AUTH_MODE", "").strip().lower() == "disabled"
 

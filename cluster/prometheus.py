@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from cluster.connect import free_port
 from shards.format import ShardError
 
 DEFAULT_CACHE = Path.home() / ".cache" / "attrlab" / "prometheus"
@@ -123,12 +123,6 @@ def write_sd_file(dest: Path, targets: list[str]) -> Path:
     return dest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrometheusProcess:
     """A running prometheus; `.url` is its base address. Stops on `.stop()` or leaving `with`."""
 
@@ -162,7 +156,7 @@ def start_prometheus(config: Path, data_dir: Path, port: int = 0,
     """Run prometheus on 127.0.0.1:port (a free one if 0) and wait until /-/ready answers."""
     binary = binary or ensure_prometheus()
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = data_dir / "prometheus.log"
     with open(log, "ab") as out:

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -208,28 +207,29 @@ def absolute_paths(cfg: Any, fields: tuple[str, ...]) -> Any:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fixed)) if fixed else cfg
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def world_of_one(backend: str | None = None) -> None:
+    """A process group of one in this process (DeepSpeed needs one even for a single rank): nccl on
+    a GPU, gloo otherwise. Kept for the life of the process: DeepSpeed caches the world group, so a
+    second run in the same process (a notebook, the tests, a benchmark) would meet a destroyed group."""
+    import torch
+    import torch.distributed as dist
+
+    from cluster.connect import free_port
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), rank=0, world_size=1)
 
 
 def run_local(job: Any) -> dict[str, float]:
     """The same loop in this process: a world of one (DeepSpeed still needs a process group)."""
-    import torch.distributed as dist
-
     from jobs.checkpoints import LocalReporter
     from jobs.train import run_loop
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    import torch
-
-    if not dist.is_initialized():
-        # kept for the life of the process: DeepSpeed caches the world group, so a second run in
-        # the same process (a notebook, the tests) would meet a destroyed group
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    world_of_one()
     cfg = configlib.build(resolve_config_class(job.method), job.cfg_dict)
     meta = json.loads((Path(job.data) / "meta.json").read_text())
     return run_loop(job, LocalReporter(Path(job.run_dir), meta, cfg.checkpoint.keep))

@@ -7,7 +7,6 @@ OUT/serve.yaml` serves the same models until Ctrl-C.
 from __future__ import annotations
 
 import base64
-import socket
 import tarfile
 import time
 from pathlib import Path
@@ -15,18 +14,14 @@ from typing import Any
 
 import requests
 
+from cluster.connect import free_port
+
 
 def _sample(shards: Path, split: str) -> tuple[str, str]:
     """(key, base64 image) of the first image of a split's first shard."""
     with tarfile.open(sorted(shards.glob(f"{split}-*.tar"))[0]) as tar:
         m = next(m for m in tar.getmembers() if m.name.endswith((".png", ".jpg", ".jpeg", ".webp")))
         return m.name.split(".")[0], base64.b64encode(tar.extractfile(m).read()).decode()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_demo(out: Path, runs: dict[str, Path], shards: dict[str, Path]) -> dict[str, str]:
@@ -39,7 +34,7 @@ def serve_demo(out: Path, runs: dict[str, Path], shards: dict[str, Path]) -> dic
 
     models = {name: {"run": str(runs[name].resolve())} for name in
               ("stn_ranker", "coop_embed", "deml", "latent_retrieval", "trip")}
-    port = _port()
+    port = free_port()
     cfg = write_config(out / "serve.yaml", models, port, cpus=0.25)
     print(f"[serve] deploying {len(models)} models on http://127.0.0.1:{port} ({cfg}) ...")
     started = connect(num_cpus=4)  # the demo's cluster when it has one

@@ -40,17 +40,9 @@ def world_of_one() -> None:
     """A gloo world of one for in-process DeepSpeed, kept for the session: DeepSpeed caches the
     process group it first sees, so destroying it would break later in-process runs
     (jobs.cli_train.run_local reuses it)."""
-    import socket
+    from jobs.cli_train import world_of_one as start
 
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    start("gloo")
 
 
 @pytest.fixture(scope="session")

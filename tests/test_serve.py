@@ -8,7 +8,6 @@ import base64
 import concurrent.futures as cf
 import io
 import json
-import socket
 import tarfile
 import threading
 import time
@@ -21,6 +20,7 @@ import requests
 import yaml
 from PIL import Image
 
+from cluster.connect import free_port as _free_port  # test_serve_faults imports it from here
 from jobs.cli import main
 from serve.config import SERVE_ENV
 from tests.test_train import SMALL
@@ -39,12 +39,6 @@ LATENT = [x for s in ["data.loader.num_workers=0", "data.loader.batch_size=8", "
 TRIP = [x for s in ["data.loader.num_workers=0", "data.loader.batch_size=4", "eval.every_steps=2",
                     "checkpoint.every_steps=2", "model.pretrain_steps=1", "model.eval_images=4",
                     "model.attributes=[hair_dark,beard]", "data.val_split=train"] for x in ("--set", s)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TRAIN_ARGS = {"stn_ranker": SMALL, "coop_embed": COOP, "latent_retrieval": LATENT, "trip": TRIP}
