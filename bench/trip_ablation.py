@@ -9,6 +9,8 @@ test split, judged by the same oracle):
         [--data DIR] [--rows trip,no_rank,lam0,cls,no_gan,two] [--set KEY=VALUE ...]
 
 Without --data the shards are built under OUT/shards with jobs.quickstart.TRANSLATION_BUILD.
+On that build a first row scores the renderer's exact edits with the same oracle
+(bench/trip_reference.py): the ceiling an exact translator reaches under this oracle.
 Rows with a metrics.json are not re-run. Prints a markdown table and writes OUT/ablation.json.
 """
 from __future__ import annotations
@@ -30,6 +32,25 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "two": ("TRIP (hair_dark + beard)", ["model.attributes=[hair_dark,beard]"]),
 }
 KEYS = ("spearman_v", "aas", "nontarget_change", "ssim_std", "fid_oracle", "rank_v_corr")
+
+
+def reference_row(data: Path, oracle: Path) -> dict | None:
+    """The renderer's exact hair_dark edits scored by the same oracle (bench/trip_reference.py):
+    what an exact translator reaches. Only for the translation build it re-renders."""
+    import time
+
+    from bench.trip_reference import reference
+    from jobs.quickstart import TRANSLATION_BUILD
+    from shards.datasets import BuildOptions, plan_embedded
+
+    manifest = json.loads((data / "manifest.json").read_text())
+    if manifest.get("fingerprint") != plan_embedded("attrworld", BuildOptions(**TRANSLATION_BUILD)).fingerprint:
+        print(f"{data} is not jobs.quickstart.TRANSLATION_BUILD: no renderer reference row", flush=True)
+        return None
+    t0 = time.perf_counter()
+    m = reference(str(oracle.resolve()), ["hair_dark"], 64)
+    return {"label": "reference: the renderer's exact edits (hair_dark)", "metrics": m,
+            "wall_s": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"oracle: score {oracle['metrics']['oracle_score']:.3f}, spearman/hair_dark "
           f"{oracle['metrics']['spearman/hair_dark']:.3f} ({oracle['wall_s']:.0f} s)", flush=True)
     results: dict[str, dict] = {"oracle": {"label": "attr_oracle (test split)", **oracle}}
+    ref = reference_row(data, a.out / "oracle")
+    if ref:
+        results["reference"] = ref
     for key in a.rows.split(","):
         label, sets = ROWS[key]
         r = run_row("trip", data, a.out / key, a.steps, [f"model.oracle={(a.out / 'oracle').resolve()}", *sets, *a.set],

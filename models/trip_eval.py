@@ -21,7 +21,7 @@ Per-attribute values are reported as `<key>/<attr>` too.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -92,6 +92,29 @@ def ranker_on_path(m: Trip, images: torch.Tensor, frames: torch.Tensor, k: int) 
         return np.stack([m.ranker.rank(x, m.to_unit(f.to(dev)))[:, k].float().cpu().numpy() for f in frames])
 
 
+def oracle_path_metrics(oracle: nn.Module, real: dict[str, torch.Tensor], frames: torch.Tensor, j: int,
+                        others: list[int], swap: Callable[[np.ndarray], torch.Tensor],
+                        aas_threshold: float) -> tuple[dict[str, float], torch.Tensor]:
+    """The oracle's numbers for one target attribute (the oracle's column j) of a path
+    `frames` [T, N, 3, H, W] (uint8, v = PATH_V) of the images the oracle read as `real`:
+    spearman_v, nontarget_change (columns `others`), aas and fid_oracle. `swap(v_k)` returns the
+    images translated with v_k = 1 - 2a (a = the oracle's reading of the input). Shared by
+    evaluate() and the ground-truth-edit reference (bench/trip_reference.py), so a generator and
+    the renderer's exact edits are scored by one code path. Returns (metrics, swapped images)."""
+    t, n = frames.shape[:2]
+    pv = oracle_predict(oracle, frames.flatten(0, 1))["value"].view(t, n, -1).numpy()
+    base = real["value"].numpy()
+    row = {"spearman_v": gen_metrics.spearman_change(np.repeat(PATH_V[:, None], n, 1), pv[:, :, j] - base[None, :, j])}
+    if others:
+        row["nontarget_change"] = gen_metrics.mean_abs_change(base[None][:, :, others], pv[:, :, others])
+    a = base[:, j] >= aas_threshold
+    swapped = swap(1.0 - 2.0 * a.astype(np.float32))
+    sw = oracle_predict(oracle, swapped)
+    row["aas"] = gen_metrics.swap_accuracy(base[:, j], sw["value"][:, j].numpy(), aas_threshold)
+    row["fid_oracle"] = gen_metrics.frechet_distance(real["features"].numpy(), sw["features"].numpy())
+    return row, swapped
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     if a.std() == 0 or b.std() == 0:
@@ -143,22 +166,16 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: TripConfig, meta: Da
         rk = ranker_on_path(m, images, frames, k)
         row["rank_v_corr"] = _pearson(np.repeat(PATH_V[:, None], rk.shape[1], 1), rk)
         if oracle is not None:
-            t, n = frames.shape[:2]
-            pv = oracle_predict(oracle, frames.flatten(0, 1))["value"].view(t, n, -1).numpy()
-            base = real["value"].numpy()
-            j = o_cols[k]
-            row["spearman_v"] = gen_metrics.spearman_change(np.repeat(PATH_V[:, None], n, 1), pv[:, :, j] - base[None, :, j])
-            others = [i for i in range(pv.shape[2]) if i not in o_cols]
-            if others:
-                row["nontarget_change"] = gen_metrics.mean_abs_change(base[None][:, :, others], pv[:, :, others])
-            a = base[:, j] >= cfg.aas_threshold
-            v = torch.zeros(n, len(m.attributes))
-            v[:, k] = torch.from_numpy(1.0 - 2.0 * a.astype(np.float32))
-            with eval_mode(m):
-                swapped = torch.cat([m.translate(c, vc).cpu() for c, vc in zip(images.split(64), v.split(64))])
-            sw = oracle_predict(oracle, swapped)
-            row["aas"] = gen_metrics.swap_accuracy(base[:, j], sw["value"][:, j].numpy(), cfg.aas_threshold)
-            row["fid_oracle"] = gen_metrics.frechet_distance(real["features"].numpy(), sw["features"].numpy())
+            others = [i for i in range(len(oracle.attributes)) if i not in o_cols]
+
+            def swap(v_k: np.ndarray, k: int = k) -> torch.Tensor:
+                v = torch.zeros(len(images), len(m.attributes))
+                v[:, k] = torch.from_numpy(v_k.astype(np.float32))
+                with eval_mode(m):
+                    return torch.cat([m.translate(c, vc).cpu() for c, vc in zip(images.split(64), v.split(64))])
+
+            o_row, swapped = oracle_path_metrics(oracle, real, frames, o_cols[k], others, swap, cfg.aas_threshold)
+            row.update(o_row)
             swapped_all.append(swapped)
         for key, val in row.items():
             per.setdefault(key, []).append(val)

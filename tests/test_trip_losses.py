@@ -57,3 +57,54 @@ def test_orthogonal_regulariser_ignores_norms_and_sees_correlation() -> None:
     conv[0, 0, 0] = torch.tensor([1.0, 1.0])
     conv[1, 0, 0] = torch.tensor([1.0, 0.0])  # dot product 1, counted twice (both off-diagonal entries)
     assert orthogonal_regulariser([w, conv]).item() == pytest.approx(2.0)
+
+
+def test_oracle_path_metrics_against_a_channel_mean_oracle() -> None:
+    """An oracle that reads attribute c as the mean of colour channel c / 255: a path that moves
+    only the red channel by 40 v scores Spearman 1, non-target change 0 and AAS 1; one that also
+    moves green by 10 |v| has a non-target change of 10/255 * mean|v| (the hand-computed value)."""
+    import numpy as np
+    from torch import nn
+
+    from models.attr_oracle import AttrOracle
+    from models.trip_eval import PATH_V, oracle_path_metrics
+
+    class ChannelOracle(AttrOracle):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)
+            self.attributes = ("red", "green", "blue")
+            self.register_buffer("cols", torch.arange(3), persistent=False)
+
+        def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+            value = images.float().mean((2, 3)) / 255.0
+            return {"value": value, "features": torch.cat([value, value ** 2], 1)}
+
+    oracle = ChannelOracle()
+    base = torch.tensor([90.0, 110, 130, 150, 170, 100])  # red levels; the swap splits them at 127.5
+    images = torch.full((6, 3, 4, 4), 120.0)
+    images[:, 0] = base.view(6, 1, 1)
+    real = {"value": images.mean((2, 3)) / 255.0, "features": torch.zeros(6, 6)}
+    real["features"] = torch.cat([real["value"], real["value"] ** 2], 1)
+
+    def path(leak: float) -> torch.Tensor:
+        frames = images.repeat(len(PATH_V), 1, 1, 1, 1)
+        for t, v in enumerate(PATH_V):
+            frames[t, :, 0] += 40.0 * v
+            frames[t, :, 1] += leak * abs(v)
+        return frames.round().to(torch.uint8)
+
+    def swap(v_k: np.ndarray) -> torch.Tensor:
+        out = images.clone()
+        out[:, 0] = torch.from_numpy(np.where(v_k > 0, 255.0, 0.0)).float().view(6, 1, 1)
+        return out.to(torch.uint8)
+
+    clean, _ = oracle_path_metrics(oracle, real, path(0.0), 0, [1, 2], swap, 0.5)
+    # equal changes of different images differ in the last float bits, so ties within one v are not exact
+    assert clean["spearman_v"] == pytest.approx(1.0, abs=5e-3)
+    assert clean["nontarget_change"] == pytest.approx(0.0)
+    assert clean["aas"] == 1.0
+    leaky, _ = oracle_path_metrics(oracle, real, path(10.0), 0, [1, 2], swap, 0.5)
+    # green moves by round(10 |v|) on each frame, blue not at all: the mean over both columns
+    expected = np.mean([round(10.0 * abs(v)) / 255.0 for v in PATH_V]) / 2
+    assert leaky["nontarget_change"] == pytest.approx(expected, rel=1e-6)
+    assert leaky["spearman_v"] == pytest.approx(1.0, abs=5e-3)
