@@ -41,6 +41,23 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss/main"] for r in log_rows(run) if "loss/main" in r}
 
 
+def still_for(run: Path, quiet_s: float, timeout: float) -> None:
+    """Wait until nothing under `run` (log lines, checkpoint files) has changed for `quiet_s` seconds."""
+    def state() -> list[tuple[str, int]] | None:
+        try:
+            return sorted((str(f), f.stat().st_size) for f in run.rglob("*") if f.is_file())
+        except FileNotFoundError:  # a checkpoint rotated away while listing: still changing
+            return None
+
+    deadline, last, since = time.monotonic() + timeout, state(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"{run} still changing {timeout:.0f} s after the driver was killed"
+        time.sleep(0.5)
+        now = state()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 def worker_nodes(run: Path) -> list[set[str]]:
     """The set of Ray node ids of each attempt of the worker group (RUN_DIR/workers.jsonl)."""
     rows = [json.loads(x) for x in (run / "workers.jsonl").read_text().splitlines()]
@@ -100,6 +117,9 @@ def test_driver_killed_then_rerun_resumes(ray_cluster: object, tiny_attrworld: P
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    # Ray tears the dead driver's Train workers down asynchronously: one of them may still log a step or
+    # write a checkpoint for a moment, so read the run only once it has been still for 5 s
+    still_for(run, 5.0, timeout=90.0)
     killed_at = max(steps_logged(run))
     saved = read_state(find_checkpoints(run)[-1])["step"]
     assert train(tiny_attrworld, run, "--workers", "2", "--max-steps", str(saved + 4)) == 0
