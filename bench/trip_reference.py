@@ -57,6 +57,7 @@ def reference(oracle_dir: str, attributes: list[str], n: int, path: str = "fract
     from jobs.quickstart import TRANSLATION_BUILD
     from models import gen_metrics
     from models.attr_oracle import predict
+    from models.trip import TripConfig
     from models.trip_eval import PATH_V, load_oracle, oracle_path_metrics
     from shards.datasets import BuildOptions, plan_embedded
 
@@ -78,7 +79,7 @@ def reference(oracle_dir: str, attributes: list[str], n: int, path: str = "fract
         def swap(v_k: np.ndarray, attr: str = attr, base: list[float] = base) -> torch.Tensor:
             return render(specs, attr, [edit_value(a, float(v), path) for a, v in zip(base, v_k)])
 
-        o_row, _ = oracle_path_metrics(oracle, real, frames, j, others, swap, 0.5)
+        o_row, _ = oracle_path_metrics(oracle, real, frames, j, others, swap, TripConfig.aas_threshold)
         row.update(o_row)
         for key, val in row.items():
             per.setdefault(key, []).append(val)
@@ -96,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the metrics here as JSON")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    m = reference(a.oracle, [s for s in a.attributes.split(",") if s], a.images, a.path)
+    from shards.format import ShardError
+
+    try:
+        m = reference(a.oracle, [s for s in a.attributes.split(",") if s], a.images, a.path)
+    except ShardError as e:  # a missing or wrong --oracle run: one line, not a traceback
+        print(f"trip_reference: {e}", file=sys.stderr)
+        return 2
     if a.out:
         a.out.write_text(json.dumps(m, indent=1, sort_keys=True))
     from bench.trip_ablation import KEYS

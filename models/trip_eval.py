@@ -45,7 +45,7 @@ def load_oracle(path: str) -> nn.Module:
         return _ORACLES[path]
     p = Path(path)
     if not p.exists():
-        raise ShardError(f"model.oracle {p}: not found; train one with `attrlab train attr_oracle --data ... --run-dir {p}`")
+        raise ShardError(f"model.oracle {p}: not found; train one with `attrlab train attr_oracle --data ... --out {p}`")
     method, _, model, _ = load_model_dir(p)
     if method.name != "attr_oracle":
         raise ShardError(f"model.oracle {p}: is a {method.name} run, not attr_oracle")
