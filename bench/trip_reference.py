@@ -38,16 +38,14 @@ def edit_value(a: float, v: float, path: str = "fraction") -> float:
 def render(specs: list[dict], attr: str | None = None, values: list[float] | None = None) -> torch.Tensor:
     """uint8 [N, 3, H, W]: the specs rendered and decoded as the shard reader decodes them,
     with `attr` set to values[i] in spec i when given."""
-    from torchvision.io import ImageReadMode, decode_image
-
+    from shards.augment import decode_rgb
     from shards.datasets.attrworld import load
 
     out = []
     for i, spec in enumerate(specs):
         if attr is not None:
             spec = dict(spec, attributes={**spec["attributes"], attr: values[i]})
-        data = load(spec).image
-        out.append(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB))
+        out.append(decode_rgb(load(spec).image))
     return torch.stack(out)
 
 
@@ -55,10 +53,9 @@ def reference(oracle_dir: str, attributes: list[str], n: int, path: str = "fract
     """trip_eval's oracle metrics (+ ssim_std) of the renderer's exact edits, mean over attributes
     and per attribute as `<key>/<attr>`."""
     from jobs.quickstart import TRANSLATION_BUILD
-    from models import gen_metrics
     from models.attr_oracle import predict
     from models.trip import TripConfig
-    from models.trip_eval import PATH_V, load_oracle, oracle_path_metrics
+    from models.trip_eval import PATH_V, load_oracle, oracle_path_metrics, path_ssim_std
     from shards.datasets import BuildOptions, plan_embedded
 
     specs = plan_embedded("attrworld", BuildOptions(**TRANSLATION_BUILD)).splits["test"][:n]
@@ -74,7 +71,7 @@ def reference(oracle_dir: str, attributes: list[str], n: int, path: str = "fract
     for attr, j in zip(attributes, cols):
         base = [float(s["attributes"][attr]) for s in specs]
         frames = torch.stack([render(specs, attr, [edit_value(a, float(v), path) for a in base]) for v in PATH_V])
-        row = {"ssim_std": gen_metrics.ssim_std(frames.permute(0, 1, 3, 4, 2).numpy().astype(np.float32) / 255.0)}
+        row = {"ssim_std": path_ssim_std(frames)}
 
         def swap(v_k: np.ndarray, attr: str = attr, base: list[float] = base) -> torch.Tensor:
             return render(specs, attr, [edit_value(a, float(v), path) for a, v in zip(base, v_k)])

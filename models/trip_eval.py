@@ -92,6 +92,11 @@ def ranker_on_path(m: Trip, images: torch.Tensor, frames: torch.Tensor, k: int) 
         return np.stack([m.ranker.rank(x, m.to_unit(f.to(dev)))[:, k].float().cpu().numpy() for f in frames])
 
 
+def path_ssim_std(frames: torch.Tensor) -> float:
+    """SSIM-std (Eq. 8) of uint8 path frames [T, N, 3, H, W]."""
+    return gen_metrics.ssim_std(frames.permute(0, 1, 3, 4, 2).numpy().astype(np.float32) / 255.0)
+
+
 def oracle_path_metrics(oracle: nn.Module, real: dict[str, torch.Tensor], frames: torch.Tensor, j: int,
                         others: list[int], swap: Callable[[np.ndarray], torch.Tensor],
                         aas_threshold: float) -> tuple[dict[str, float], torch.Tensor]:
@@ -162,7 +167,7 @@ def evaluate(model: nn.Module, loaders: LoaderFactory, cfg: TripConfig, meta: Da
     swapped_all = []
     for k, name in enumerate(m.attributes):
         frames = path_frames(m, images, k)  # [T, N, 3, H, W] uint8
-        row = {"ssim_std": gen_metrics.ssim_std(frames.permute(0, 1, 3, 4, 2).numpy().astype(np.float32) / 255.0)}
+        row = {"ssim_std": path_ssim_std(frames)}
         rk = ranker_on_path(m, images, frames, k)
         row["rank_v_corr"] = _pearson(np.repeat(PATH_V[:, None], rk.shape[1], 1), rk)
         if oracle is not None:

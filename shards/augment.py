@@ -36,6 +36,13 @@ except ImportError:  # pragma: no cover - future torchvision without image codec
 IMAGE_EXTS = ("jpg", "png")
 
 
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> uint8 CHW RGB tensor, as the shard reader decodes every image."""
+    if decode_image is not None:  # bytearray: frombuffer wants a writable buffer (3 KB copy)
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     resize: int = 64  # every image is first resized to resize x resize (skipped when it already is)
@@ -68,10 +75,7 @@ class SampleDecoder:
 
     def image(self, data: bytes) -> tuple[torch.Tensor, tuple[float, float, float, float], bool]:
         """(uint8 CHW image, crop box in normalised coordinates, flipped?)."""
-        if decode_image is not None:  # bytearray: frombuffer wants a writable buffer (3 KB copy)
-            x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        else:
-            x = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        x = decode_rgb(data)
         r, s = self.cfg.resize, self.cfg.size
         if x.shape[1:] != (r, r):
             x = F.interpolate(x[None], size=(r, r), mode="bilinear", antialias=True, align_corners=False)[0]

@@ -20,7 +20,7 @@ import requests
 import yaml
 from PIL import Image
 
-from cluster.connect import free_port as _free_port  # test_serve_faults imports it from here
+from cluster.connect import free_port
 from jobs.cli import main
 from serve.config import SERVE_ENV
 from tests.test_train import SMALL
@@ -88,7 +88,7 @@ def _config(path: Path, runs: dict[str, Path], port: int, stn_run: Path | None =
 def server(ray_session: object, runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     cfg = _config(tmp_path_factory.mktemp("serve") / "serve.yaml", runs, port)
     assert main(["serve", "--config", str(cfg), "--detach", "--timeout", "240"]) == 0
     yield f"http://127.0.0.1:{port}"

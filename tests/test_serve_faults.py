@@ -26,11 +26,12 @@ import requests
 import yaml
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
+from cluster.connect import free_port
 from jobs.cli import main
 from serve.config import SERVE_ENV
 from serve.deployments import NODE_HEADER, REPLICA_HEADER, call_model, replica_failed, served_headers
 from serve.schemas import RequestError
-from tests.test_serve import _b64, _free_port, _png, trained_runs
+from tests.test_serve import _b64, _png, trained_runs
 
 APP, DEPLOYMENT = "attrlab", "model-stn"
 REPLICA_CLASS = f"ServeReplica:{APP}:{DEPLOYMENT}"
@@ -113,7 +114,7 @@ def spread(ray_cluster: object, tiny_attrworld: Path, tmp_path_factory: pytest.T
     from ray import serve
 
     run = trained_runs(tiny_attrworld, tmp_path_factory, ("stn_ranker",))["stn_ranker"]
-    port = _free_port()
+    port = free_port()
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": APP, "route_prefix": "/", "import_path": "serve.app:build_app",
                              "runtime_env": {"env_vars": dict(SERVE_ENV)},  # as serve.yaml

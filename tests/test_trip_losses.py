@@ -83,8 +83,7 @@ def test_oracle_path_metrics_against_a_channel_mean_oracle() -> None:
     base = torch.tensor([90.0, 110, 130, 150, 170, 100])  # red levels; the swap splits them at 127.5
     images = torch.full((6, 3, 4, 4), 120.0)
     images[:, 0] = base.view(6, 1, 1)
-    real = {"value": images.mean((2, 3)) / 255.0, "features": torch.zeros(6, 6)}
-    real["features"] = torch.cat([real["value"], real["value"] ** 2], 1)
+    real = oracle(images)
 
     def path(leak: float) -> torch.Tensor:
         frames = images.repeat(len(PATH_V), 1, 1, 1, 1)
