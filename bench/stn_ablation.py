@@ -2,7 +2,7 @@
 model per attribute, the same step budget for every row (issue 3 quality benchmark).
 
     python bench/stn_ablation.py --data data/shards/attrworld --out runs/stn_ablation \
-        --attrs eye_open,smile --steps 1500 [--set KEY=VALUE ...]
+        [--attrs eye_open,smile,brow_thick,nose_size,beard,hair_dark] --steps 1500 [--set KEY=VALUE ...]
 
 Every row is `attrlab train stn_ranker --local` (the one training loop, in-process: Ray Train
 would add only start-up time on one machine) followed by `attrlab eval` (10-crop test-time
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--attrs", default="eye_open,smile,brow_thick")
+    ap.add_argument("--attrs", default="eye_open,smile,brow_thick,nose_size,beard,hair_dark",
+                    help="attributes, one model each (default: attrworld's six localised ones)")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=1)
