@@ -76,7 +76,7 @@ def _train_args(method: str, data: Path, run: Path, workers: int, steps: int, ex
     if method == "stn_ranker":  # centre crop at test time (the config's default is the paper's 10 crops): 1/10 the eval
         sets += [f"model.stage1_steps={steps // 3}", "model.tta_crops=1"]
     if method == "trip":
-        # width 16: a third of width 32's time on 2 CPU workers (the demo is a smoke run; the quality
+        # width 16: 1.4 min vs 3.6 at width 32 on 2 CPU workers (the demo is a smoke run; the quality
         # benchmark's width 32, jobs/configs/trip.yaml, is measured in docs/RESULTS.md)
         sets += [f"model.pretrain_steps={steps // 3}", f"model.oracle={(run.parent / 'attr_oracle').resolve()}",
                  "model.g_base=16"]
