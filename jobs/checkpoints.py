@@ -34,6 +34,30 @@ EXPORT = "export"
 FAULT_MARKER = ".fault_injected"
 
 
+STAGING = "attrlab-ckpt-"  # <tmp>/attrlab-ckpt-<pid>-<step>-*: a Ray worker's checkpoint before Ray copies it
+
+
+def _sweep_orphan_staging(tmp_root: Path | None = None) -> list[Path]:
+    """Remove staging directories whose writer process is gone. A worker SIGKILLed (OOM, fault
+    injection, a lost peer) inside `checkpoint` never runs its TemporaryDirectory cleanup, and
+    each orphan is a full checkpoint (optimiser state included) left in /tmp."""
+    removed = []
+    for d in Path(tmp_root or tempfile.gettempdir()).glob(f"{STAGING}*-*-*"):
+        pid = d.name[len(STAGING):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: existence check only
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 def read_state(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / STATE).read_text())
 
@@ -259,7 +283,8 @@ class RayReporter(Reporter):
     def checkpoint(self, engines: Any, step: int, metrics: dict[str, Any], cfg: Any, method: Any) -> None:
         import ray.train
 
-        with tempfile.TemporaryDirectory(prefix=f"attrlab-ckpt-{step}-") as tmp:
+        _sweep_orphan_staging()
+        with tempfile.TemporaryDirectory(prefix=f"{STAGING}{os.getpid()}-{step}-") as tmp:
             self._fill(Path(tmp), engines, step, metrics, cfg, method)
             need = sum_over_ranks(dir_bytes(Path(tmp)))  # every rank's files land in one directory
             where = storage_dir(self.run_dir, cfg.scaling.storage_path)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from jobs.checkpoints import find_checkpoints, read_state
+from jobs.checkpoints import STAGING, _sweep_orphan_staging, find_checkpoints, read_state
 from jobs.cli import main
 
 SMALL = ["--set", "data.augment.resize=32", "--set", "data.augment.size=28", "--set", "data.loader.batch_size=6",
@@ -82,3 +85,23 @@ def test_train_cli_errors_are_one_line(tiny_attrworld: Path, tmp_path: Path, cap
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_staging_left_by_a_killed_worker_is_swept_and_live_ones_are_kept(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid now names no process
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        dirs = {name: tmp_path / f"{STAGING}{pid}-4-abc_{name}" for name, pid in
+                (("dead", dead.pid), ("live", live.pid), ("self", os.getpid()))}
+        for d in dirs.values():
+            (d / "ds_main").mkdir(parents=True)
+            (d / "ds_main" / "model.pt").write_bytes(b"x" * 100)
+        other = tmp_path / "someone-elses-dir"
+        other.mkdir()
+        assert _sweep_orphan_staging(tmp_path) == [dirs["dead"]]
+        assert not dirs["dead"].exists()
+        assert dirs["live"].is_dir() and dirs["self"].is_dir() and other.is_dir()
+    finally:
+        live.kill()
+        live.wait()
