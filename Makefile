@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/attrlab demo --out $(DATA)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # A small ASHA sweep of stn_ranker on the embedded attrworld (6 trials of 300 steps, 2 at a time),
 # then the best trial exported as a run directory (attrlab eval / index accept it). See README.

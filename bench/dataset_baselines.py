@@ -7,11 +7,16 @@ Renders the datasets in memory (plan + load) and measures:
       (BCE on score differences; labels 1 / 0 / 0.5 for more / less / similar) on the train pairs
       for a fixed budget, scored by ordered-pair accuracy on the test pairs;
   (c) the same ranker, same budget, fed the ground-truth box crop of the attribute (resized to
-      the same input size): an upper-bound hint of what localisation buys.
+      the same input size): an upper-bound hint of what localisation buys;
+  (d) with --category-steps N: a category probe, coop_embed's small CPU backbone + a linear
+      8-way classifier trained from scratch on the train split's categories (flips), accuracy
+      on the train images and on the unseen identities (query + gallery) along the way: how
+      learnable the categories are from this many identities.
 
     python bench/dataset_baselines.py                       # defaults, ~4-6 min on 1 core
     python bench/dataset_baselines.py --steps 200 --attrs smile,eye_open --skip-digits
     python bench/dataset_baselines.py --opt subtlety=0.5 --opt clutter=20
+    python bench/dataset_baselines.py --skip-digits --skip-rank --category-steps 5000   # (d), ~12 min
 """
 from __future__ import annotations
 
@@ -124,6 +129,56 @@ def crop_images(samples, attr: str, size: int) -> np.ndarray:
     return np.stack(out)
 
 
+# ---------------------------------------------------------------------------------------------- category probe
+
+def category_probe(train: list, unseen: list, steps: int, batch: int, seed: int, lr: float,
+                   every: int = 500) -> list[tuple[int, float, float]]:
+    """-> [(step, train accuracy on up to 1000 train images, unseen-identity accuracy)]."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from models.backbones import feature_net
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    def tensors(samples):
+        x = torch.from_numpy(np.stack([decode(s) for s in samples])).permute(0, 3, 1, 2)
+        return x, torch.tensor([s.category for s in samples])
+
+    (xt, yt), (xu, yu) = tensors(train), tensors(unseen)
+    n_cat = int(max(yt.max(), yu.max())) + 1
+    trunk, dim = feature_net("small")
+    model = nn.Sequential(trunk, nn.Linear(dim, n_cat))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def unit(x):
+        return x.float().div(127.5).sub(1.0)
+
+    def accuracy(x, y):
+        model.eval()
+        with torch.no_grad():
+            pred = torch.cat([model(unit(x[i:i + 256])).argmax(1) for i in range(0, len(x), 256)])
+        model.train()
+        return float((pred == y).float().mean())
+
+    out = []
+    for step in range(1, steps + 1):
+        b = torch.from_numpy(rng.integers(0, len(xt), batch))
+        x = unit(xt[b])
+        flip = torch.from_numpy(rng.random(batch) < 0.5)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        loss = F.cross_entropy(model(x), yt[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            out.append((step, accuracy(xt[:1000], yt[:1000]), accuracy(xu, yu)))
+            print(f"  step {step:5d}: train {out[-1][1]:.3f}  unseen identities {out[-1][2]:.3f}", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -141,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-crop", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
     ap.add_argument("--digits-count", type=int, default=None)
+    ap.add_argument("--category-steps", type=int, default=0, help="(d) category probe steps (0: skip)")
     args = ap.parse_args(argv)
 
     import torch
@@ -180,6 +236,12 @@ def main(argv=None) -> int:
     for name, r1, r5, note in rows:
         print(f"{name:60s} {r1:6.3f} {r5:6.3f}  {note}")
 
+    if args.category_steps:
+        t1 = time.perf_counter()
+        print(f"\ncategory probe: small CPU backbone + linear, {args.category_steps} steps x {args.batch} images, "
+              f"Adam lr 1e-3; chance {1 / len(plan.meta.categories):.3f}")
+        category_probe(samples["train"], q + g, args.category_steps, args.batch, args.seed, 1e-3)
+        print(f"  {time.perf_counter() - t1:.0f} s")
     if args.skip_rank:
         return 0
     from shards.datasets.attrworld_render import CONTINUOUS

@@ -61,3 +61,16 @@ def test_every_group_module_exists_with_run() -> None:
     for name, target in GROUPS.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name
+
+
+def test_category_probe_rows_are_well_formed_and_it_fits_its_train_images() -> None:
+    from bench.dataset_baselines import category_probe
+    from shards.datasets import BuildOptions, plan_embedded
+
+    plan = plan_embedded("attrworld", BuildOptions(seed=0, size=32, count=90, options={}))
+    load = {split: [plan.load(s) for s in specs] for split, specs in plan.splits.items()}
+    rows = category_probe(load["train"], load["query"] + load["gallery"], steps=40, batch=16, seed=0, lr=3e-3,
+                          every=20)
+    assert [r[0] for r in rows] == [20, 40]
+    assert all(0.0 <= acc <= 1.0 for _, tr, un in rows for acc in (tr, un))
+    assert rows[-1][1] >= 0.5  # 8 categories: chance is 0.125; 40 steps memorise a few dozen images
