@@ -6,7 +6,9 @@ with the same step budget, evaluated on unseen identities (query -> gallery).
         --steps 1500 [--set KEY=VALUE ...]
 
 Rows with a metrics.json are not re-run (an interrupted sweep continues). Prints one markdown
-table per paper table and writes OUT/ablation.json.
+table per paper table and writes OUT/ablation.json. `--seeds 0,1,2` repeats every row with those
+seeds (`seed=` of the run config: initialisation and sampling) and reports mean [min, max]: at
+this budget two seeds of one configuration differ by several R@1 points.
 """
 from __future__ import annotations
 
@@ -50,7 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra config override for every row")
+    ap.add_argument("--seeds", default="0", help="comma-separated run seeds; every row runs once per seed")
     a = ap.parse_args(argv)
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        ap.error(f"--seeds {a.seeds!r}: give comma-separated integers, e.g. 0,1,2")
     rows = []
     for table in a.tables.split(","):
         if table not in TABLES:
@@ -59,19 +66,38 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{table}-" + "".join(c if c.isalnum() else "_" for c in label)
             steps = 100 if table == "untrained" else a.steps
             common = [f"eval.every_steps={steps}", f"checkpoint.every_steps={steps}"]
-            r = run_row("coop_embed", a.data, a.out / name, steps, [*common, *a.set, *sets], a.threads)
-            row = {"table": table, "row": label, "steps": steps, "wall_s": r["wall_s"],
-                   **{k: r["metrics"].get(k) for k in KEYS}}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for seed in seeds:  # seed 0 keeps the unsuffixed run name of a single-seed sweep
+                run = a.out / (name if seed == 0 else f"{name}-s{seed}")
+                r = run_row("coop_embed", a.data, run, steps, [*common, *a.set, *sets, f"seed={seed}"], a.threads)
+                row = {"table": table, "row": label, "seed": seed, "steps": steps, "wall_s": r["wall_s"],
+                       **{k: r["metrics"].get(k) for k in KEYS}}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "ablation.json").write_text(json.dumps(rows, indent=1))
-    for table in a.tables.split(","):
-        print(f"\nTable {table}\n\n| row | instance R@1 | attribute mAP | category mAP | train+eval s |\n|---|---|---|---|---|")
-        for r in (r for r in rows if r["table"] == table):
-            cells = " | ".join("-" if r[k] is None else f"{100 * r[k]:.2f}" for k in KEYS)
-            print(f"| {r['row']} | {cells} | {r['wall_s']:.0f} |")
+    print_tables(rows, a.tables.split(","), len(seeds))
     return 0
+
+
+def cell(values: list[float | None]) -> str:
+    """Percent; with several seeds: mean [min, max]."""
+    v = [100 * x for x in values if x is not None]
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return f"{v[0]:.2f}"
+    return f"{sum(v) / len(v):.1f} [{min(v):.1f}, {max(v):.1f}]"
+
+
+def print_tables(rows: list[dict], tables: list[str], n_seeds: int) -> None:
+    for table in tables:
+        print(f"\nTable {table}" + (f" (mean [min, max] over {n_seeds} seeds)" if n_seeds > 1 else "")
+              + "\n\n| row | instance R@1 | attribute mAP | category mAP | train+eval s |\n|---|---|---|---|---|")
+        labels = list(dict.fromkeys(r["row"] for r in rows if r["table"] == table))
+        for label in labels:
+            same = [r for r in rows if r["table"] == table and r["row"] == label]
+            cells = " | ".join(cell([r[k] for r in same]) for k in KEYS)
+            print(f"| {label} | {cells} | {sum(r['wall_s'] for r in same) / len(same):.0f} |")
 
 
 if __name__ == "__main__":

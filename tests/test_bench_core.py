@@ -74,3 +74,11 @@ def test_category_probe_rows_are_well_formed_and_it_fits_its_train_images() -> N
     assert [r[0] for r in rows] == [20, 40]
     assert all(0.0 <= acc <= 1.0 for _, tr, un in rows for acc in (tr, un))
     assert rows[-1][1] >= 0.5  # 8 categories: chance is 0.125; 40 steps memorise a few dozen images
+
+
+def test_coop_ablation_cells_show_one_seed_as_is_and_several_as_mean_and_range() -> None:
+    from bench.coop_ablation import cell
+
+    assert cell([0.3416]) == "34.16"
+    assert cell([0.3, 0.45, None]) == "37.5 [30.0, 45.0]"  # a missing metric is left out, not counted as 0
+    assert cell([None]) == "-"
