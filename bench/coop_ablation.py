@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra config override for every row")
+    ap.add_argument("--rows", default="", help="only these row labels, ';'-separated (e.g. 'ins=1 attr=0 cat=0;ins=1 attr=1 cat=1')")
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds; every row runs once per seed")
     a = ap.parse_args(argv)
     try:
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if table not in TABLES:
             ap.error(f"--tables: unknown table {table!r}; choose from {list(TABLES)}")
         for label, sets in TABLES[table]:
+            if a.rows and label not in a.rows.split(";"):
+                continue
             name = f"{table}-" + "".join(c if c.isalnum() else "_" for c in label)
             steps = 100 if table == "untrained" else a.steps
             common = [f"eval.every_steps={steps}", f"checkpoint.every_steps={steps}"]
