@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(x) for x in a.seeds.split(",")]
     except ValueError:
         ap.error(f"--seeds {a.seeds!r}: give comma-separated integers, e.g. 0,1,2")
+    wanted = [x for x in a.rows.split(";") if x]
+    known = {label for t in a.tables.split(",") for label, _ in TABLES.get(t, [])}
+    if set(wanted) - known:
+        ap.error(f"--rows: {sorted(set(wanted) - known)} not in tables {a.tables}; rows are {sorted(known)}")
     rows = []
     for table in a.tables.split(","):
         if table not in TABLES:
