@@ -3,7 +3,7 @@
 with the same step budget, evaluated on unseen identities (query -> gallery).
 
     python bench/coop_ablation.py --data data/shards/attrworld --out runs/coop --tables untrained,1a \
-        --steps 1500 [--set KEY=VALUE ...]
+        --steps 5000 [--seeds 0,1] [--set KEY=VALUE ...]
 
 Rows with a metrics.json are not re-run (an interrupted sweep continues). Prints one markdown
 table per paper table and writes OUT/ablation.json. `--seeds 0,1,2` repeats every row with those
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tables", default="untrained,1a", help=f"comma-separated, of {list(TABLES)}")
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=5000, help="per row (1500 leaves every row under-trained: RESULTS.md)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra config override for every row")
     ap.add_argument("--rows", default="", help="only these row labels, ';'-separated (e.g. 'ins=1 attr=0 cat=0;ins=1 attr=1 cat=1')")

@@ -37,7 +37,7 @@ FAULT_MARKER = ".fault_injected"
 STAGING = "attrlab-ckpt-"  # <tmp>/attrlab-ckpt-<pid>-<step>-*: a Ray worker's checkpoint before Ray copies it
 
 
-def _sweep_orphan_staging(tmp_root: Path | None = None) -> list[Path]:
+def sweep_orphan_staging(tmp_root: Path | None = None) -> list[Path]:
     """Remove staging directories whose writer process is gone. A worker SIGKILLed (OOM, fault
     injection, a lost peer) inside `checkpoint` never runs its TemporaryDirectory cleanup, and
     each orphan is a full checkpoint (optimiser state included) left in /tmp."""
@@ -283,7 +283,7 @@ class RayReporter(Reporter):
     def checkpoint(self, engines: Any, step: int, metrics: dict[str, Any], cfg: Any, method: Any) -> None:
         import ray.train
 
-        _sweep_orphan_staging()
+        sweep_orphan_staging()
         with tempfile.TemporaryDirectory(prefix=f"{STAGING}{os.getpid()}-{step}-") as tmp:
             self._fill(Path(tmp), engines, step, metrics, cfg, method)
             need = sum_over_ranks(dir_bytes(Path(tmp)))  # every rank's files land in one directory

@@ -296,11 +296,15 @@ def run_ray(job: Any, cfg: Any) -> dict[str, float]:
 
     from cluster.connect import connect
 
+    from jobs.checkpoints import sweep_orphan_staging
+
     connect(log_to_driver=True)
     try:
         result = make_trainer(job, cfg).fit()
     except TrainingFailedError as e:
         raise user_error(e) or e from None
+    finally:  # workers of a failed attempt that died after the last in-run sweep (this node's /tmp)
+        sweep_orphan_staging()
     return {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
 
 

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +28,7 @@ import pytest
 
 from tests.figures import figure
 
-from jobs.checkpoints import FAULT_MARKER, dir_bytes, find_checkpoints, read_state
+from jobs.checkpoints import FAULT_MARKER, STAGING, dir_bytes, find_checkpoints, read_state
 from tests.test_train import SMALL, steps_logged, train
 
 pytestmark = pytest.mark.slow
@@ -89,6 +90,7 @@ def test_one_worker_per_node_matches_a_single_node_run(ray_cluster: object, tiny
 def test_worker_killed_mid_interval_loses_at_most_one_interval(ray_session: object, tiny_attrworld: Path,
                                                                tmp_path: Path) -> None:
     run = tmp_path / "killed"
+    staging_before = set(Path(tempfile.gettempdir()).glob(f"{STAGING}*"))
     # rank 0 SIGKILLs itself at step 3 (between the checkpoints at 2 and 4), once
     assert train(tiny_attrworld, run, "--workers", "2", "--max-steps", "6",
                  "--set", "checkpoint.fail_at_step=3", "--set", "checkpoint.max_failures=1") == 0
@@ -100,6 +102,13 @@ def test_worker_killed_mid_interval_loses_at_most_one_interval(ray_session: obje
     assert logged == [1, 2, 3, 3, 4, 5, 6]  # step 3 re-run from step 2's checkpoint: 1 step <= 1 interval
     assert len(worker_nodes(run)) == 2  # the group really restarted (a new attempt was recorded)
     assert read_state(find_checkpoints(run)[-1])["step"] == 6
+    # rank 1 died inside step 4's checkpoint (blocked in ray.train.report when the group was torn
+    # down): its staging directory is swept (restarted group / driver), not left in /tmp. A live
+    # worker may still be leaving its own `with TemporaryDirectory` on a loaded machine: wait.
+    deadline = time.monotonic() + 60
+    while (left := set(Path(tempfile.gettempdir()).glob(f"{STAGING}*")) - staging_before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, left
 
 
 def test_driver_killed_then_rerun_resumes(ray_cluster: object, tiny_attrworld: Path, tmp_path: Path) -> None:

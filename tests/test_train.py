@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.checkpoints import STAGING, _sweep_orphan_staging, find_checkpoints, read_state
+from jobs.checkpoints import STAGING, sweep_orphan_staging, find_checkpoints, read_state
 from jobs.cli import main
 
 SMALL = ["--set", "data.augment.resize=32", "--set", "data.augment.size=28", "--set", "data.loader.batch_size=6",
@@ -99,7 +99,7 @@ def test_staging_left_by_a_killed_worker_is_swept_and_live_ones_are_kept(tmp_pat
             (d / "ds_main" / "model.pt").write_bytes(b"x" * 100)
         other = tmp_path / "someone-elses-dir"
         other.mkdir()
-        assert _sweep_orphan_staging(tmp_path) == [dirs["dead"]]
+        assert sweep_orphan_staging(tmp_path) == [dirs["dead"]]
         assert not dirs["dead"].exists()
         assert dirs["live"].is_dir() and dirs["self"].is_dir() and other.is_dir()
     finally:
