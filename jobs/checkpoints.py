@@ -40,7 +40,8 @@ STAGING = "attrlab-ckpt-"  # <tmp>/attrlab-ckpt-<pid>-<step>-*: a Ray worker's c
 def sweep_orphan_staging(tmp_root: Path | None = None) -> list[Path]:
     """Remove staging directories whose writer process is gone. A worker SIGKILLed (OOM, fault
     injection, a lost peer) inside `checkpoint` never runs its TemporaryDirectory cleanup, and
-    each orphan is a full checkpoint (optimiser state included) left in /tmp."""
+    each orphan is a full checkpoint (optimiser state included) left in /tmp. Assumes the pids
+    of one /tmp are one pid namespace (a Ray node's, or a pod's own /tmp under KubeRay)."""
     removed = []
     for d in Path(tmp_root or tempfile.gettempdir()).glob(f"{STAGING}*-*-*"):
         pid = d.name[len(STAGING):].split("-", 1)[0]

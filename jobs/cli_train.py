@@ -295,7 +295,6 @@ def run_ray(job: Any, cfg: Any) -> dict[str, float]:
     from ray.train import TrainingFailedError
 
     from cluster.connect import connect
-
     from jobs.checkpoints import sweep_orphan_staging
 
     connect(log_to_driver=True)
