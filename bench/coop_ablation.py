@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if table not in TABLES:
             ap.error(f"--tables: unknown table {table!r}; choose from {list(TABLES)}")
         for label, sets in TABLES[table]:
-            if a.rows and label not in a.rows.split(";"):
+            if wanted and label not in wanted:
                 continue
             name = f"{table}-" + "".join(c if c.isalnum() else "_" for c in label)
             steps = 100 if table == "untrained" else a.steps
