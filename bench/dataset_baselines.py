@@ -16,7 +16,7 @@ Renders the datasets in memory (plan + load) and measures:
     python bench/dataset_baselines.py                       # defaults, ~4-6 min on 1 core
     python bench/dataset_baselines.py --steps 200 --attrs smile,eye_open --skip-digits
     python bench/dataset_baselines.py --opt subtlety=0.5 --opt clutter=20
-    python bench/dataset_baselines.py --skip-digits --skip-rank --category-steps 5000   # (d), ~12 min
+    python bench/dataset_baselines.py --skip-digits --skip-rank --category-steps 5000   # (d), ~9 min
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def category_probe(train: list, unseen: list, steps: int, batch: int, seed: int,
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from models.backbones import feature_net
+    from models.backbones import feature_net, to_unit as unit
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -152,9 +152,6 @@ def category_probe(train: list, unseen: list, steps: int, batch: int, seed: int,
     trunk, dim = feature_net("small")
     model = nn.Sequential(trunk, nn.Linear(dim, n_cat))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-
-    def unit(x):
-        return x.float().div(127.5).sub(1.0)
 
     def accuracy(x, y):
         model.eval()
