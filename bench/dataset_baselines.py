@@ -11,12 +11,17 @@ Renders the datasets in memory (plan + load) and measures:
   (d) with --category-steps N: a category probe, coop_embed's small CPU backbone + a linear
       8-way classifier trained from scratch on the train split's categories (flips), accuracy
       on the train images and on the unseen identities (query + gallery) along the way: how
-      learnable the categories are from this many identities.
+      learnable the categories are from this many identities;
+  (e) with --crop-study H[,H...]: the (c) ranker fed square crops of half-side H (image fractions;
+      the paper's STN scale 1/3 is H = 1/6) centred on the ground-truth box of each image, and the
+      same crops centred on the MEAN box centre of the split: what an STN that tracks the region
+      per image buys, against one that learned only where the region is on average.
 
     python bench/dataset_baselines.py                       # defaults, ~4-6 min on 1 core
     python bench/dataset_baselines.py --steps 200 --attrs smile,eye_open --skip-digits
     python bench/dataset_baselines.py --opt subtlety=0.5 --opt clutter=20
     python bench/dataset_baselines.py --skip-digits --skip-rank --category-steps 5000   # (d), ~9 min
+    python bench/dataset_baselines.py --skip-digits --skip-rank --crop-study 0.08,0.167,0.3 --attrs smile  # (e), ~1 min
 """
 from __future__ import annotations
 
@@ -129,6 +134,43 @@ def crop_images(samples, attr: str, size: int) -> np.ndarray:
     return np.stack(out)
 
 
+def square_crops(samples, attr: str, half: float, size: int, centre: tuple[float, float] | None) -> np.ndarray:
+    """Crops of side 2 * half (image fractions; zeros outside the image) resized to size x size,
+    centred on each sample's `attr` box centre, or on the fixed `centre` (x, y) when given."""
+    from PIL import Image
+
+    out = []
+    for s in samples:
+        im = Image.open(io.BytesIO(s.image)).convert("RGB")
+        w, h = im.size
+        x0, y0, x1, y1 = s.boxes[attr]
+        cx, cy = centre if centre is not None else ((x0 + x1) / 2, (y0 + y1) / 2)
+        box = ((cx - half) * w, (cy - half) * h, (cx + half) * w, (cy + half) * h)
+        out.append(np.asarray(im.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR)))
+    return np.stack(out)
+
+
+def crop_study(pool, index, plan, attrs: list[str], halves: list[float], args) -> None:
+    """(e): per attribute and half-side, test accuracy of crops tracking the region vs fixed at its mean."""
+    size = decode(pool[0]).shape[0]
+    print(f"\ncrop study: {args.steps} steps x {args.batch} pairs; half-side H as a fraction of the image "
+          f"(STN scale s = 2H); accuracy on ordered test pairs")
+    print(f"{'attribute':12s} {'H':>6s} {'tracking':>9s} {'mean-placed':>12s} {'(train tracking/mean)':>22s}")
+    for a in attrs:
+        if a not in pool[0].boxes:
+            continue
+        boxes = np.array([s.boxes[a] for s in pool])
+        mean = (float((boxes[:, 0] + boxes[:, 2]).mean() / 2), float((boxes[:, 1] + boxes[:, 3]).mean() / 2))
+        tr = [p for p in plan.pairs if p.attribute == a and p.split == "train"]
+        te = [p for p in plan.pairs if p.attribute == a and p.split == "test"]
+        for half in halves:
+            acc_t, tr_t = train_and_eval(square_crops(pool, a, half, size, None), index, tr, te, args.steps,
+                                         args.batch, args.seed, args.lr)
+            acc_m, tr_m = train_and_eval(square_crops(pool, a, half, size, mean), index, tr, te, args.steps,
+                                         args.batch, args.seed, args.lr)
+            print(f"{a:12s} {half:6.3f} {acc_t:9.3f} {acc_m:12.3f} {tr_t:11.3f}/{tr_m:.3f}", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------- category probe
 
 def category_probe(train: list, unseen: list, steps: int, batch: int, seed: int, lr: float,
@@ -194,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-digits", action="store_true")
     ap.add_argument("--digits-count", type=int, default=None)
     ap.add_argument("--category-steps", type=int, default=0, help="(d) category probe steps (0: skip)")
+    ap.add_argument("--crop-study", default="", help="(e) comma-separated crop half-sides (image fractions)")
     args = ap.parse_args(argv)
 
     import torch
@@ -239,13 +282,15 @@ def main(argv=None) -> int:
               f"Adam lr 1e-3; chance {1 / len(plan.meta.categories):.3f}")
         category_probe(samples["train"], q + g, args.category_steps, args.batch, args.seed, 1e-3)
         print(f"  {time.perf_counter() - t1:.0f} s")
-    if args.skip_rank:
-        return 0
     from shards.datasets.attrworld_render import CONTINUOUS
 
     attrs = [a for a in args.attrs.split(",") if a] or list(CONTINUOUS)
     pool = samples["train"] + samples["test"]
     index = {s.key: i for i, s in enumerate(pool)}
+    if args.crop_study:
+        crop_study(pool, index, plan, attrs, [float(h) for h in args.crop_study.split(",")], args)
+    if args.skip_rank:
+        return 0
     size = decode(pool[0]).shape[0]
     full = np.stack([decode(s) for s in pool])
     print(f"\nrankers: {args.steps} steps x {args.batch} pairs, Adam lr {args.lr}, {args.threads} thread(s), "

@@ -82,3 +82,27 @@ def test_coop_ablation_cells_show_one_seed_as_is_and_several_as_mean_and_range()
     assert cell([0.3416]) == "34.16"
     assert cell([0.3, 0.45, None]) == "37.5 [30.0, 45.0]"  # a missing metric is left out, not counted as 0
     assert cell([None]) == "-"
+
+
+def test_crop_study_crops_track_the_box_or_stay_at_the_fixed_centre() -> None:
+    import io
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from bench.dataset_baselines import square_crops
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[20:24, 40:44] = 255  # a 4 px white square, its box centre at (42/64, 22/64)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    sample = SimpleNamespace(image=buf.getvalue(), boxes={"mark": (40 / 64, 20 / 64, 44 / 64, 24 / 64)})
+    tracking = square_crops([sample], "mark", 0.25, 32, None)[0]  # 16 px each side of the centre, 1:1 scale
+    assert tracking.shape == (32, 32, 3)
+    bright = np.argwhere(tracking[..., 0] > 128)
+    assert bright.min(0).tolist() == [14, 14] and bright.max(0).tolist() == [17, 17]
+    fixed = square_crops([sample], "mark", 0.25, 32, (0.25, 0.25))[0]  # x in [0, 32) px: misses the square
+    assert fixed.max() == 0
+    corner = square_crops([sample], "mark", 0.25, 32, (0.0, 0.0))[0]  # three quarters outside the image
+    assert corner.max() == 0 and corner.shape == (32, 32, 3)
