@@ -14,7 +14,7 @@ Renders the datasets in memory (plan + load) and measures:
       learnable the categories are from this many identities;
   (e) with --crop-study H[,H...]: the (c) ranker fed square crops of half-side H (image fractions;
       the paper's STN scale 1/3 is H = 1/6) centred on the ground-truth box of each image, and the
-      same crops centred on the MEAN box centre of the split: what an STN that tracks the region
+      same crops centred on the MEAN box centre over those images: what an STN that tracks the region
       per image buys, against one that learned only where the region is on average.
 
     python bench/dataset_baselines.py                       # defaults, ~4-6 min on 1 core
@@ -150,10 +150,11 @@ def square_crops(samples, attr: str, half: float, size: int, centre: tuple[float
     return np.stack(out)
 
 
-def crop_study(pool, index, plan, attrs: list[str], halves: list[float], args) -> None:
+def crop_study(pool, index, plan, attrs: list[str], halves: list[float], steps: int, batch: int, seed: int,
+               lr: float) -> None:
     """(e): per attribute and half-side, test accuracy of crops tracking the region vs fixed at its mean."""
     size = decode(pool[0]).shape[0]
-    print(f"\ncrop study: {args.steps} steps x {args.batch} pairs; half-side H as a fraction of the image "
+    print(f"\ncrop study: {steps} steps x {batch} pairs; half-side H as a fraction of the image "
           f"(STN scale s = 2H); accuracy on ordered test pairs")
     print(f"{'attribute':12s} {'H':>6s} {'tracking':>9s} {'mean-placed':>12s} {'(train tracking/mean)':>22s}")
     for a in attrs:
@@ -164,10 +165,8 @@ def crop_study(pool, index, plan, attrs: list[str], halves: list[float], args) -
         tr = [p for p in plan.pairs if p.attribute == a and p.split == "train"]
         te = [p for p in plan.pairs if p.attribute == a and p.split == "test"]
         for half in halves:
-            acc_t, tr_t = train_and_eval(square_crops(pool, a, half, size, None), index, tr, te, args.steps,
-                                         args.batch, args.seed, args.lr)
-            acc_m, tr_m = train_and_eval(square_crops(pool, a, half, size, mean), index, tr, te, args.steps,
-                                         args.batch, args.seed, args.lr)
+            acc_t, tr_t = train_and_eval(square_crops(pool, a, half, size, None), index, tr, te, steps, batch, seed, lr)
+            acc_m, tr_m = train_and_eval(square_crops(pool, a, half, size, mean), index, tr, te, steps, batch, seed, lr)
             print(f"{a:12s} {half:6.3f} {acc_t:9.3f} {acc_m:12.3f} {tr_t:11.3f}/{tr_m:.3f}", flush=True)
 
 
@@ -288,7 +287,8 @@ def main(argv=None) -> int:
     pool = samples["train"] + samples["test"]
     index = {s.key: i for i, s in enumerate(pool)}
     if args.crop_study:
-        crop_study(pool, index, plan, attrs, [float(h) for h in args.crop_study.split(",")], args)
+        crop_study(pool, index, plan, attrs, [float(h) for h in args.crop_study.split(",")], args.steps, args.batch,
+                   args.seed, args.lr)
     if args.skip_rank:
         return 0
     size = decode(pool[0]).shape[0]
