@@ -150,6 +150,17 @@ def square_crops(samples, attr: str, half: float, size: int, centre: tuple[float
     return np.stack(out)
 
 
+def half_sides(text: str) -> list[float]:
+    """--crop-study's value: comma-separated half-sides in (0, 0.5]."""
+    try:
+        halves = [float(h) for h in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. 0.08,0.167") from None
+    if not all(0 < h <= 0.5 for h in halves):
+        raise argparse.ArgumentTypeError(f"{text!r}: each half-side must be in (0, 0.5] (a fraction of the image)")
+    return halves
+
+
 def crop_study(pool, index, plan, attrs: list[str], halves: list[float], steps: int, batch: int, seed: int,
                lr: float) -> None:
     """(e): per attribute and half-side, test accuracy of crops tracking the region vs fixed at its mean."""
@@ -159,6 +170,7 @@ def crop_study(pool, index, plan, attrs: list[str], halves: list[float], steps: 
     print(f"{'attribute':12s} {'H':>6s} {'tracking':>9s} {'mean-placed':>12s} {'(train tracking/mean)':>22s}")
     for a in attrs:
         if a not in pool[0].boxes:
+            print(f"{a:12s} (no region box: a global attribute, skipped)")
             continue
         boxes = np.array([s.boxes[a] for s in pool])
         mean = (float((boxes[:, 0] + boxes[:, 2]).mean() / 2), float((boxes[:, 1] + boxes[:, 3]).mean() / 2))
@@ -235,7 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-digits", action="store_true")
     ap.add_argument("--digits-count", type=int, default=None)
     ap.add_argument("--category-steps", type=int, default=0, help="(d) category probe steps (0: skip)")
-    ap.add_argument("--crop-study", default="", help="(e) comma-separated crop half-sides (image fractions)")
+    ap.add_argument("--crop-study", type=half_sides, default=[], help="(e) comma-separated crop half-sides (image fractions)")
     args = ap.parse_args(argv)
 
     import torch
@@ -287,8 +299,7 @@ def main(argv=None) -> int:
     pool = samples["train"] + samples["test"]
     index = {s.key: i for i, s in enumerate(pool)}
     if args.crop_study:
-        crop_study(pool, index, plan, attrs, [float(h) for h in args.crop_study.split(",")], args.steps, args.batch,
-                   args.seed, args.lr)
+        crop_study(pool, index, plan, attrs, args.crop_study, args.steps, args.batch, args.seed, args.lr)
     if args.skip_rank:
         return 0
     size = decode(pool[0]).shape[0]
