@@ -79,6 +79,8 @@ def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
         if prev.get("method") not in (None, method):
             raise ShardError(f"--out {run_dir}: holds a {prev['method']} run; choose another directory")
         a, b = configlib.flatten(old), configlib.flatten(cfg_dict)
+        # a key the saved config predates counts as its default, so runs of older versions still resume
+        a = {**{k: v for k, v in configlib.flatten(configlib.to_dict(type(cfg)())).items() if k not in a}, **a}
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
         if diff:
             k = diff[0]
@@ -132,7 +134,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     sets = flag_overrides(a.set, a.data, workers=a.workers, gpus_per_worker=a.gpus_per_worker, max_steps=a.max_steps)
     cfg = load_run_config(a.method, a.config, sets)
     cfg = absolute_paths(cfg, registry.get(a.method).path_fields)
-    check_build(registry.get(a.method), cfg, a.data)
+    from jobs.checkpoints import find_checkpoints
+
+    # a resumed run loads its own checkpoint: init.from_run is not read again (it may be gone)
+    check_build(registry.get(a.method), cfg, a.data, warm_start=not find_checkpoints(a.out))
     prepare_run_dir(a.out, a.method, cfg, a.data)
     from jobs.train import TrainJob
 
@@ -185,7 +190,7 @@ def flag_overrides(sets: list[str], data: Path, **flags: Any) -> list[str]:
     return [*sets, *(f"{keys[k]}={v}" for k, v in flags.items() if v is not None), f"data.path={data.resolve()}"]
 
 
-def check_build(method: Any, cfg: Any, data: Path) -> None:
+def check_build(method: Any, cfg: Any, data: Path, warm_start: bool = True) -> None:
     """Build the model on the meta device (no memory, no weights copied) before any worker
     starts, so a config the method rejects (an unknown attribute, a size it cannot take) is one
     line here instead of a traceback from every Ray worker after start-up."""
@@ -195,16 +200,24 @@ def check_build(method: Any, cfg: Any, data: Path) -> None:
     if method.prepare_meta is not None:
         meta = method.prepare_meta(meta, data, cfg.data.train_split)
     with torch.device("meta"):
-        method.build(cfg.model, meta)
+        model = method.build(cfg.model, meta)
+    if warm_start and cfg.init.from_run:  # a missing source or a mismatched tensor: one line before any worker starts
+        from jobs.warmstart import plan
+
+        plan(model, cfg.init, method.name)
 
 
 def absolute_paths(cfg: Any, fields: tuple[str, ...]) -> Any:
-    """cfg with the named `model:` path fields made absolute (relative to this process's cwd)."""
+    """cfg with the named `model:` path fields and `init.from_run` made absolute (relative to this
+    process's cwd), so Ray workers in another directory find them."""
     import dataclasses
 
-    fixed = {f: str(Path(getattr(cfg.model, f)).resolve()) for f in fields
-             if getattr(cfg.model, f) and not Path(getattr(cfg.model, f)).is_absolute() and "://" not in getattr(cfg.model, f)}
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fixed)) if fixed else cfg
+    def fix(section: Any, names: tuple[str, ...]) -> Any:
+        fixed = {f: str(Path(getattr(section, f)).resolve()) for f in names
+                 if getattr(section, f) and not Path(getattr(section, f)).is_absolute() and "://" not in getattr(section, f)}
+        return dataclasses.replace(section, **fixed) if fixed else section
+
+    return dataclasses.replace(cfg, model=fix(cfg.model, fields), init=fix(cfg.init, ("from_run",)))
 
 
 def world_of_one(backend: str | None = None) -> None:

@@ -99,10 +99,19 @@ class TrackingSection:
     experiment: str = ""  # "" = the method name (a sweep: the sweep directory's name)
 
 
+@dataclass(frozen=True)
+class InitSection:
+    """Warm start from another run of the same method (jobs/warmstart.py); acts once, at step 0."""
+
+    from_run: str = ""  # a run directory (its latest export) or an export directory; "" = random init
+    include: tuple[str, ...] = ()  # parameter-name prefixes to copy (e.g. [localiser.]); () = all
+    exclude: tuple[str, ...] = ()  # prefixes not to copy
+
+
 SHARED_SECTIONS: dict[str, type] = {
     "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection, "scaling": ScalingSection,
     "deepspeed": DeepSpeedSection, "checkpoint": CheckpointSection, "eval": EvalSection,
-    "tracking": TrackingSection,
+    "tracking": TrackingSection, "init": InitSection,
 }
 
 

@@ -178,11 +178,16 @@ def run_loop(job: TrainJob, reporter: checkpoints.Reporter) -> dict[str, float]:
         meta = method.prepare_meta(meta, Path(job.data), cfg.data.train_split)
         reporter.meta_json = meta.to_json()
     model = method.build(cfg.model, meta).to(device)
+    restored = reporter.restore_dir()
+    if restored is None and cfg.init.from_run:  # before the engines: DeepSpeed takes the weights as they are
+        from jobs.warmstart import warm_start
+
+        copied = warm_start(model, cfg.init, method.name)
+        log.info("rank %d: %d tensors from %s (init.from_run)", rank, len(copied), cfg.init.from_run)
     loader = train_loader(method, cfg, job.data)
     micro = loader.dataset.batch_size()
     engines = Engines(model, method.optim_groups(model, cfg.model), cfg.optim, cfg.schedule, cfg.deepspeed, micro)
     start = 0
-    restored = reporter.restore_dir()
     if restored is not None:
         engines.load(str(restored))
         start = checkpoints.read_state(restored)["step"]
