@@ -15,7 +15,9 @@ Renders the datasets in memory (plan + load) and measures:
   (e) with --crop-study H[,H...]: the (c) ranker fed square crops of half-side H (image fractions;
       the paper's STN scale 1/3 is H = 1/6) centred on the ground-truth box of each image, and the
       same crops centred on the MEAN box centre over those images: what an STN that tracks the region
-      per image buys, against one that learned only where the region is on average.
+      per image buys, against one that learned only where the region is on average; with
+      --crop-jitter S[,S...] also tracking crops whose centres miss by N(0, S) per axis: how
+      precisely the STN must track.
 
     python bench/dataset_baselines.py                       # defaults, ~4-6 min on 1 core
     python bench/dataset_baselines.py --steps 200 --attrs smile,eye_open --skip-digits
@@ -134,36 +136,50 @@ def crop_images(samples, attr: str, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def square_crops(samples, attr: str, half: float, size: int, centre: tuple[float, float] | None) -> np.ndarray:
+def square_crops(samples, attr: str, half: float, size: int, centre: tuple[float, float] | None,
+                 offsets: np.ndarray | None = None) -> np.ndarray:
     """Crops of side 2 * half (image fractions; zeros outside the image) resized to size x size,
-    centred on each sample's `attr` box centre, or on the fixed `centre` (x, y) when given."""
+    centred on each sample's `attr` box centre, or on the fixed `centre` (x, y) when given;
+    `offsets` [N, 2] (image fractions) moves each sample's centre: a localiser's tracking error."""
     from PIL import Image
 
     out = []
-    for s in samples:
+    for i, s in enumerate(samples):
         im = Image.open(io.BytesIO(s.image)).convert("RGB")
         w, h = im.size
         x0, y0, x1, y1 = s.boxes[attr]
         cx, cy = centre if centre is not None else ((x0 + x1) / 2, (y0 + y1) / 2)
+        if offsets is not None:
+            cx, cy = cx + float(offsets[i, 0]), cy + float(offsets[i, 1])
         box = ((cx - half) * w, (cy - half) * h, (cx + half) * w, (cy + half) * h)
         out.append(np.asarray(im.transform((size, size), Image.Transform.EXTENT, box, Image.Resampling.BILINEAR)))
     return np.stack(out)
 
 
-def half_sides(text: str) -> list[float]:
-    """--crop-study's value: comma-separated half-sides in (0, 0.5]."""
+def _fractions(text: str, what: str) -> list[float]:
     try:
-        halves = [float(h) for h in text.split(",")]
+        values = [float(h) for h in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. 0.08,0.167") from None
-    if not all(0 < h <= 0.5 for h in halves):
-        raise argparse.ArgumentTypeError(f"{text!r}: each half-side must be in (0, 0.5] (a fraction of the image)")
-    return halves
+    if not all(0 < h <= 0.5 for h in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each {what} must be in (0, 0.5] (a fraction of the image)")
+    return values
+
+
+def half_sides(text: str) -> list[float]:
+    """--crop-study's value: comma-separated half-sides in (0, 0.5]."""
+    return _fractions(text, "half-side")
+
+
+def sigmas(text: str) -> list[float]:
+    """--crop-jitter's value: comma-separated standard deviations in (0, 0.5]."""
+    return _fractions(text, "sigma")
 
 
 def crop_study(pool, index, plan, attrs: list[str], halves: list[float], steps: int, batch: int, seed: int,
-               lr: float) -> None:
-    """(e): per attribute and half-side, test accuracy of crops tracking the region vs fixed at its mean."""
+               lr: float, jitters: list[float] = ()) -> None:
+    """(e): per attribute and half-side, test accuracy of crops tracking the region vs fixed at its
+    mean; with `jitters`, also tracking crops whose centres miss by N(0, sigma) per axis and image."""
     size = decode(pool[0]).shape[0]
     print(f"\ncrop study: {steps} steps x {batch} pairs; half-side H as a fraction of the image "
           f"(STN scale s = 2H); accuracy on ordered test pairs")
@@ -180,6 +196,12 @@ def crop_study(pool, index, plan, attrs: list[str], halves: list[float], steps: 
             acc_t, tr_t = train_and_eval(square_crops(pool, a, half, size, None), index, tr, te, steps, batch, seed, lr)
             acc_m, tr_m = train_and_eval(square_crops(pool, a, half, size, mean), index, tr, te, steps, batch, seed, lr)
             print(f"{a:12s} {half:6.3f} {acc_t:9.3f} {acc_m:12.3f} {tr_t:11.3f}/{tr_m:.3f}", flush=True)
+            for sigma in jitters:  # fixed per image (a localiser errs the same way on the same image)
+                off = np.random.default_rng(seed).normal(0.0, sigma, (len(pool), 2))
+                acc_j, tr_j = train_and_eval(square_crops(pool, a, half, size, None, off), index, tr, te, steps,
+                                             batch, seed, lr)
+                print(f"{'':12s} {half:6.3f} tracking off by N(0, {sigma:.3f}): {acc_j:.3f} (train {tr_j:.3f})",
+                      flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- category probe
@@ -248,6 +270,8 @@ def main(argv=None) -> int:
     ap.add_argument("--digits-count", type=int, default=None)
     ap.add_argument("--category-steps", type=int, default=0, help="(d) category probe steps (0: skip)")
     ap.add_argument("--crop-study", type=half_sides, default=[], help="(e) comma-separated crop half-sides (image fractions)")
+    ap.add_argument("--crop-jitter", type=sigmas, default=[],
+                    help="(e) also tracking crops off by N(0, sigma) per axis: comma-separated sigmas (image fractions)")
     args = ap.parse_args(argv)
 
     import torch
@@ -299,7 +323,8 @@ def main(argv=None) -> int:
     pool = samples["train"] + samples["test"]
     index = {s.key: i for i, s in enumerate(pool)}
     if args.crop_study:
-        crop_study(pool, index, plan, attrs, args.crop_study, args.steps, args.batch, args.seed, args.lr)
+        crop_study(pool, index, plan, attrs, args.crop_study, args.steps, args.batch, args.seed, args.lr,
+                   args.crop_jitter)
     if args.skip_rank:
         return 0
     size = decode(pool[0]).shape[0]

@@ -8,6 +8,12 @@ Every row is `attrlab train stn_ranker --local` (the one training loop, in-proce
 would add only start-up time on one machine) followed by `attrlab eval` (10-crop test-time
 averaging, ordered test pairs). Rows that already have metrics.json are not re-run, so an
 interrupted sweep continues. Prints a markdown table and writes OUT/ablation.json.
+
+`--warm smile=beard[,brow_thick=eye_open ...]`: an attribute's STN rows start from the localiser
+of the named source attribute's STN-only row, trained first at the same budget (`init.from_run`,
+`init.include=[localiser.]`). That is the paper's "STN initialised from a pretrained network"
+with a network trained here on a neighbouring region that the localiser does find. The source's
+steps are extra budget; the table counts them in the wall time.
 """
 from __future__ import annotations
 
@@ -31,6 +37,15 @@ def run_stn_row(data: Path, run: Path, attr: str, mode: str, steps: int, extra: 
             "stn_hit": m.get("stn_hit"), "stn_cover": m.get("stn_cover"), "wall_s": r["wall_s"]}
 
 
+def parse_warm(text: str) -> dict[str, str]:
+    """'smile=beard,brow_thick=eye_open' -> {'smile': 'beard', 'brow_thick': 'eye_open'}."""
+    pairs = [p.partition("=") for p in text.split(",") if p]
+    bad = [a + s + b for a, s, b in pairs if not (a and s and b) or a == b]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected ATTR=SOURCE_ATTR[,...] with two different names, got {bad[0]!r}")
+    return {a: b for a, _, b in pairs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
@@ -41,11 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra config override for every row")
+    ap.add_argument("--warm", type=parse_warm, default={}, metavar="ATTR=SOURCE[,...]",
+                    help="start ATTR's STN rows from SOURCE's STN-only localiser (trained first)")
     a = ap.parse_args(argv)
     rows = []
     for attr in a.attrs.split(","):
         for mode in a.modes.split(","):
-            r = run_stn_row(a.data, a.out / f"{attr}-{mode}", attr, mode, a.steps, a.set, a.threads)
+            extra, run, source = list(a.set), a.out / f"{attr}-{mode}", None
+            if attr in a.warm and mode != "global_only":  # the source row is shared with --modes stn_only
+                source = run_stn_row(a.data, a.out / f"{a.warm[attr]}-stn_only", a.warm[attr], "stn_only",
+                                     a.steps, a.set, a.threads)
+                extra += [f"init.from_run={a.out / f'{a.warm[attr]}-stn_only'}", "init.include=[localiser.]"]
+                run = run.with_name(f"{run.name}-from-{a.warm[attr]}")
+            r = run_stn_row(a.data, run, attr, mode, a.steps, extra, a.threads)
+            if source is not None:
+                r.update(warm_from=a.warm[attr], wall_s=r["wall_s"] + source["wall_s"])
             rows.append(r)
             print(json.dumps(r), flush=True)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -103,7 +103,9 @@ class TrackingSection:
 class InitSection:
     """Warm start from another run of the same method (jobs/warmstart.py); acts once, at step 0."""
 
-    from_run: str = ""  # a run directory (its latest export) or an export directory; "" = random init
+    # a run directory (its latest export) or an export directory, read by every worker (multi-node:
+    # a shared filesystem path); "" = the method's own init
+    from_run: str = ""
     include: tuple[str, ...] = ()  # parameter-name prefixes to copy (e.g. [localiser.]); () = all
     exclude: tuple[str, ...] = ()  # prefixes not to copy
 

@@ -102,6 +102,9 @@ def test_crop_study_crops_track_the_box_or_stay_at_the_fixed_centre() -> None:
     assert tracking.shape == (32, 32, 3)
     bright = np.argwhere(tracking[..., 0] > 128)
     assert bright.min(0).tolist() == [14, 14] and bright.max(0).tolist() == [17, 17]
+    off = square_crops([sample], "mark", 0.25, 32, None, np.array([[4 / 64, -2 / 64]]))[0]  # centre 4 px right, 2 up
+    moved = np.argwhere(off[..., 0] > 128)  # (row, col): the square 2 px lower and 4 px further left
+    assert moved.min(0).tolist() == [16, 10] and moved.max(0).tolist() == [19, 13]
     fixed = square_crops([sample], "mark", 0.25, 32, (0.25, 0.25))[0]  # x in [0, 32) px: misses the square
     assert fixed.max() == 0
     corner = square_crops([sample], "mark", 0.25, 32, (0.0, 0.0))[0]  # three quarters outside the image
