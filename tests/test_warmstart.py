@@ -11,7 +11,6 @@ import yaml
 from safetensors.torch import load_file
 
 from jobs.checkpoints import latest_export
-from jobs.cli import main
 from tests.test_train import steps_logged, train
 
 ONE = ["--local", "--max-steps", "2", "--set", "model.attributes=[smile]"]
