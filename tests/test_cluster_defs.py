@@ -23,6 +23,8 @@ import pytest
 import ray
 import yaml
 
+from tests.test_security import parse
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = {"aws": REPO / "ray_cluster.yaml", "local": REPO / "cluster" / "local.yaml"}
 KUBERAY = REPO / "cluster" / "kuberay"
@@ -254,7 +256,7 @@ def test_rayservice_serves_serve_yaml_behind_tls_and_auth() -> None:
     assert v2 == expected
     for app in v2["applications"]:  # the builder it names exists (without importing Serve's app)
         module, func = app["import_path"].split(":")
-        tree = ast.parse((REPO / Path(*module.split("."))).with_suffix(".py").read_text())
+        tree = parse((REPO / Path(*module.split("."))).with_suffix(".py").read_text(), module)
         assert any(isinstance(n, ast.FunctionDef) and n.name == func for n in tree.body), app["import_path"]
     # what rayjob.yaml trains is what this serves
     job_out = shlex.split(one("RayJob")["spec"]["entrypoint"])

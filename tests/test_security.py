@@ -102,9 +102,21 @@ def _call_problem(name: str, call: ast.Call, aliases: dict[str, str]) -> str | N
     return None
 
 
+def parse(source: str, filename: str) -> ast.Module:
+    """ast.parse, tried again on CPython 3.11's spurious "AST constructor recursion depth mismatch"
+    SystemError (python/cpython#106905, seen here while the session's Ray threads run): the same
+    source parses on the next try, and a real syntax error is still a SyntaxError."""
+    for _ in range(2):
+        try:
+            return ast.parse(source, filename)
+        except SystemError:
+            pass
+    return ast.parse(source, filename)
+
+
 def unsafe_uses(source: str, filename: str = "<src>") -> list[tuple[int, str]]:
     """(line, problem) for every unsafe load / eval / shell in `source`."""
-    tree = ast.parse(source, filename)
+    tree = parse(source, filename)
     aliases = _aliases(tree)
     found: list[tuple[int, str]] = []
     for node in ast.walk(tree):
