@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         for mode in a.modes.split(","):
             extra, run, source = list(a.set), a.out / f"{attr}-{mode}", None
             if attr in a.warm and mode != "global_only":  # the source row is shared with --modes stn_only
-                source = run_stn_row(a.data, a.out / f"{a.warm[attr]}-stn_only", a.warm[attr], "stn_only",
-                                     a.steps, a.set, a.threads)
-                extra += [f"init.from_run={a.out / f'{a.warm[attr]}-stn_only'}", "init.include=[localiser.]"]
+                src_run = a.out / f"{a.warm[attr]}-stn_only"
+                source = run_stn_row(a.data, src_run, a.warm[attr], "stn_only", a.steps, a.set, a.threads)
+                extra += [f"init.from_run={src_run}", "init.include=[localiser.]"]
                 run = run.with_name(f"{run.name}-from-{a.warm[attr]}")
             r = run_stn_row(a.data, run, attr, mode, a.steps, extra, a.threads)
             if source is not None:

@@ -85,12 +85,11 @@ def plan(model: torch.nn.Module, section: Any, method: str) -> tuple[Path, list[
 
 def warm_start(model: torch.nn.Module, section: Any, method: str) -> list[str]:
     """Copy the selected tensors of `section.from_run`'s export into `model` in place; returns their names."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     export, names = plan(model, section, method)
-    state = load_file(str(export / "model.safetensors"))
-    with torch.no_grad():
+    with torch.no_grad(), safe_open(str(export / "model.safetensors"), "pt") as f:
         current = model.state_dict()
-        for k in names:
-            current[k].copy_(state[k].to(current[k].dtype))
+        for k in names:  # only the selected tensors are read (a localiser, not a whole AlexNet)
+            current[k].copy_(f.get_tensor(k).to(current[k].dtype))
     return names

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from jobs.checkpoints import latest_export
 from tests.test_train import steps_logged, train
 
-ONE = ["--local", "--max-steps", "2", "--set", "model.attributes=[smile]"]
+SMILE = ["--local", "--set", "model.attributes=[smile]"]
+ONE = [*SMILE, "--max-steps", "2"]
 
 
 def weights(run: Path) -> dict:
@@ -73,7 +74,7 @@ def test_a_resumed_warm_run_loads_its_own_checkpoint_even_when_the_source_is_gon
         tiny_attrworld: Path, source: Path, tmp_path: Path) -> None:
     copy, run = tmp_path / "source_copy", tmp_path / "warm"
     shutil.copytree(source, copy)
-    warm = [*ONE[:1], "--set", "model.attributes=[smile]", "--set", f"init.from_run={copy}"]
+    warm = [*SMILE, "--set", f"init.from_run={copy}"]
     assert train(tiny_attrworld, run, *warm, "--max-steps", "2") == 0
     shutil.rmtree(copy)
     before = weights(run)
@@ -90,5 +91,5 @@ def test_a_config_saved_before_the_init_section_still_resumes(tiny_attrworld: Pa
     saved = yaml.safe_load((run / "config.yaml").read_text())
     del saved["init"]  # as written by a version without the section
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert train(tiny_attrworld, run, *ONE[:1], "--max-steps", "3", "--set", "model.attributes=[smile]") == 0
+    assert train(tiny_attrworld, run, *SMILE, "--max-steps", "3") == 0
     assert steps_logged(run) == [1, 2, 3]
