@@ -36,7 +36,11 @@ def export_dir(path: Path) -> Path:
         return path
     if not path.is_dir():
         raise ShardError(f"init.from_run {path}: no such run or export directory")
-    return latest_export(path)
+    try:
+        return latest_export(path)
+    except ShardError:
+        raise ShardError(f"init.from_run {path}: no finished checkpoint with an export; point it at a trained "
+                         "run directory (or a checkpoint's export/)") from None
 
 
 def _method_of(export: Path) -> str:

@@ -55,6 +55,7 @@ def test_bad_sources_are_one_line_naming_the_key(tiny_attrworld: Path, source: P
     state.write_text(json.dumps({**json.loads(state.read_text()), "method": "deml"}))
     cases = [
         ([f"init.from_run={tmp_path / 'nope'}"], "no such run or export directory"),
+        ([f"init.from_run={tmp_path}"], f"init.from_run {tmp_path}: no finished checkpoint"),
         ([f"init.from_run={state.parent / 'export'}"], "holds a deml model, this run trains stn_ranker"),
         ([f"init.from_run={source}", "init.include=[localizer.]"], "prefix 'localizer.' matches no parameter"),
         ([f"init.from_run={source}", "init.include=[localiser.]", "init.exclude=[localiser.]"], "selects nothing"),
