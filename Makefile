@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= data
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test sweep venv install install-dev bench clean
+.PHONY: demo test sweep venv install install-dev bench gpu-kit clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ sweep: install
 
 bench: install
 	$(BIN)/attrlab bench all --work $(DATA)/bench --runs $(DATA)/runs
+
+# The wheels a lent GPU machine lacks (DeepSpeed, faiss-cpu) for bench/gpu_device.sh; see BENCHMARKS.md
+gpu-kit: install
+	bash bench/gpu_kit.sh
 
 clean:
 	rm -rf $(DATA) .pytest_cache

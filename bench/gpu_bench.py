@@ -12,15 +12,20 @@
                       batches of 256; goal <= 0.5 ms
 
 Without a CUDA device it returns no rows (BENCHMARKS.md keeps the last GPU rows). It imports
-nothing from Ray: the loop is `--local`. Training data: the embedded attrworld (64 px), resized
+nothing from Ray: the loop is `--local` (bench/gpu_device.sh runs it on a lent GPU machine).
+ATTRLAB_GPU_BUDGET_S (seconds) bounds the whole group: the goal rows (inference, MFU) run first,
+and work that would start after the budget is skipped and said, so a time-limited call still
+returns the rows it measured. Training data: the embedded attrworld (64 px), resized
 by each config's augmentation to its GPU size (224-256 px).
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,6 +76,24 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def budget_deadline() -> float | None:
+    """time.monotonic() deadline from ATTRLAB_GPU_BUDGET_S, or None (no limit)."""
+    text = os.environ.get("ATTRLAB_GPU_BUDGET_S", "")
+    if not text:
+        return None
+    try:
+        return time.monotonic() + float(text)
+    except ValueError:
+        raise SystemExit(f"attrlab bench gpu: ATTRLAB_GPU_BUDGET_S={text!r}: give seconds, e.g. 480") from None
+
+
+def _late(deadline: float | None, what: str) -> bool:
+    if deadline is not None and time.monotonic() > deadline:
+        print(f"attrlab bench gpu: {what}: skipped, ATTRLAB_GPU_BUDGET_S spent", file=sys.stderr)
+        return True
+    return False
+
+
 def run(ctx: Any) -> list[Row]:
     if not torch.cuda.is_available():
         print("attrlab bench gpu: no CUDA device here, no GPU figures measured (BENCHMARKS.md keeps the last ones)",
@@ -78,29 +101,36 @@ def run(ctx: Any) -> list[Row]:
         return []
     from bench.data_bench import embedded
 
+    deadline = budget_deadline()
     work = Path(ctx.work) / "gpu"
     data = embedded(Path(ctx.work), "attrworld", 200 if ctx.smoke else 2000, size=64)  # attrworld_64/
     device = torch.device("cuda", 0)
     steps, log_every = (6, 2) if ctx.smoke else (100, 20)
-    loop = {}
-    for method in METHODS:
-        try:
-            loop[method] = loop_rate(method, data, work / "runs" / method, steps, log_every,
-                                     config=gpu_config(method), sets=DATA_SETS[method])
-        except Exception as e:  # one method's failure is reported, the others still measured
-            print(f"attrlab bench gpu: {method}: the training loop failed: {e}", file=sys.stderr)
-    alone: dict[str, dict[str, Any]] = {}
-    for method in BACKBONE:
-        try:
-            alone[method] = step_bench(method, data, device, config=gpu_config(method), sets=DATA_SETS[method],
-                                       steps=3 if ctx.smoke else 20, warmup=2 if ctx.smoke else 5)
-        except Exception as e:
-            print(f"attrlab bench gpu: {method}: the step benchmark failed: {e}", file=sys.stderr)
+    # the rows with goals first (inference, MFU), then the loop's samples/s per method
     infer = None
     try:
         infer = stn_inference(device, data, batch=32 if ctx.smoke else 256)
     except Exception as e:
         print(f"attrlab bench gpu: stn_ranker inference failed: {e}", file=sys.stderr)
+    alone: dict[str, dict[str, Any]] = {}
+    for method in BACKBONE:
+        if _late(deadline, f"{method} step benchmark"):
+            continue
+        try:
+            alone[method] = step_bench(method, data, device, config=gpu_config(method), sets=DATA_SETS[method],
+                                       steps=3 if ctx.smoke else 20, warmup=2 if ctx.smoke else 5,
+                                       deadline=deadline)
+        except Exception as e:
+            print(f"attrlab bench gpu: {method}: the step benchmark failed: {e}", file=sys.stderr)
+    loop = {}
+    for method in METHODS:
+        if _late(deadline, f"{method} training loop"):
+            continue
+        try:
+            loop[method] = loop_rate(method, data, work / "runs" / method, steps, log_every,
+                                     config=gpu_config(method), sets=DATA_SETS[method])
+        except Exception as e:  # one method's failure is reported, the others still measured
+            print(f"attrlab bench gpu: {method}: the training loop failed: {e}", file=sys.stderr)
     return gpu_rows(torch.cuda.get_device_name(device), loop, alone, infer)
 
 
@@ -178,9 +208,11 @@ def _to(batch: Any, device: torch.device) -> Any:
 
 
 def step_bench(method_name: str, data: Path, device: torch.device, *, config: Path | None, sets: list[str],
-               steps: int, warmup: int, variants: tuple[str, ...] = ("eager", "channels_last", "compile")) -> dict[str, Any]:
+               steps: int, warmup: int, variants: tuple[str, ...] = ("eager", "channels_last", "compile"),
+               deadline: float | None = None) -> dict[str, Any]:
     """One method's training step on pre-loaded batches on `device`: FLOPs per step, seconds per
-    step and samples/s for each variant that runs, the loader's own rate and the batch size."""
+    step and samples/s for each variant that runs, the loader's own rate and the batch size.
+    Variants after `deadline` (time.monotonic()) are skipped; eager always runs."""
     from bench.data_bench import loader_rate, stepper
     from jobs.train import train_loader
     from jobs.cli_train import load_run_config
@@ -199,6 +231,8 @@ def step_bench(method_name: str, data: Path, device: torch.device, *, config: Pa
     out: dict[str, Any] = {"s_per_step": {}, "samples_per_s": {}, "loader_per_s": load, "batch": micro,
                            "loader_workers": cfg.data.loader.num_workers}
     for variant in variants:
+        if variant != "eager" and _late(deadline, f"{method_name} {variant}"):
+            continue
         torch.manual_seed(0)
         try:
             model = method.build(cfg.model, meta).to(device)
