@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make gpu-kit`: the wheels a lent GPU machine lacks, in .whl/ (git-ignored), for bench/gpu_device.sh.
 #
-# The lent machine (docs: /work/.library/device) has Python 3.12, PyTorch, numpy, scipy, pandas,
-# matplotlib, torchmetrics, safetensors, ... but no Ray, DeepSpeed or faiss and no package index.
+# For a GPU machine with PyTorch but without Ray, DeepSpeed or faiss, and without a package index
+# (the H100/H200 lent to attrlab's sessions: Python 3.12, PyTorch 2.11, numpy, scipy, pandas,
+# matplotlib, torchmetrics, safetensors, ...).
 # `attrlab bench gpu` needs no Ray (the in-process loop), so the kit is DeepSpeed, its pure-Python
 # needs, and faiss-cpu (coop_embed's / deml's validation search), at the versions of this venv:
 # the device runs what the test suite ran here. DeepSpeed is published as a source archive only;
@@ -15,7 +16,7 @@ PYVER=${PYVER:-3.12}
 OUT=.whl
 [ -x "$PY" ] || { echo "gpu-kit: $PY not found: run 'make install' first" >&2; exit 2; }
 version() { "$PY" -m pip show "$1" 2>/dev/null | awk '/^Version:/{print $2}'; }
-pins=()
+pins=()  # deepspeed first: it is built from source below, the rest are downloaded as wheels
 for p in deepspeed hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions faiss-cpu; do
   v=$(version "$p")
   [ -n "$v" ] || { echo "gpu-kit: $p is not installed in $PY's environment" >&2; exit 2; }

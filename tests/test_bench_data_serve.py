@@ -224,7 +224,7 @@ print("ok", a["flops"], rate)
 
 
 def test_gpu_step_and_loop_measurements_run_on_cpu_without_ray_or_mlflow(data_rows: tuple[Context, list],
-                                                                tmp_path: Path) -> None:
+                                                                          tmp_path: Path) -> None:
     ctx, _ = data_rows
     # a process group of one set up by an earlier in-process run leaves MASTER_PORT (bound by this
     # process) in the environment: the child picks its own
