@@ -3,7 +3,7 @@
 #   make gpu-kit                      # here, once: .whl/ with DeepSpeed and faiss-cpu
 #   run(command="bash bench/gpu_device.sh", carry=[".whl"], timeout_s=560)      # the device tool
 # then copy the returned BENCHMARKS.md over this one (only gpu/* rows change) and commit.
-# SMOKE=1 runs the tiny sizes first (about a minute) and stops there: a dry run of the whole path.
+# SMOKE=1 runs only the tiny sizes (a dry run of the whole path, not timed here) and writes no rows.
 # The machine has PyTorch but no Ray: `attrlab bench gpu` runs the in-process loop (`--local`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
