@@ -4,10 +4,10 @@ budget for every trained row, each through the one training loop (`attrlab train
 `attrlab eval` on the test split):
 
   raw pixels (mean-centred, cosine; no training) | U-baseline | U + activation decay (Table 1)
-  | DeML(1,4) | DeML(2,1) | DeML(2,2) | DeML(1,4) without the adversary (Table 4)
+  | DeML(1,4) | DeML(2,1) | DeML(2,2) | DeML(3,1) | DeML(1,4) without the adversary (Table 4)
 
     python bench/deml_ablation.py --data data/shards/cluttered_digits --out runs/deml_ablation --steps 1500 \
-        [--rows u,u_act,d14,d21,d22,d14_noadv] [--set KEY=VALUE ...]
+        [--rows u,u_act,d14,d21,d22,d31,d14_noadv] [--set KEY=VALUE ...]
 
 Rows with a metrics.json are not re-run. Prints a markdown table and writes OUT/ablation.json.
 """
@@ -30,6 +30,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "d14": ("DeML(1,4)", ["model.scales=1", "model.learners=4"]),
     "d21": ("DeML(2,1)", ["model.scales=2", "model.learners=1"]),
     "d22": ("DeML(2,2)", ["model.scales=2", "model.learners=2"]),
+    "d31": ("DeML(3,1)", ["model.scales=3", "model.learners=1"]),  # the authors' code runs 3 scales
     "d14_noadv": ("DeML(1,4) without adversary", ["model.scales=1", "model.learners=4", "model.diversity=none"]),
 }
 KEYS = ("r@1", "r@2", "r@4", "r@8")

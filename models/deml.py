@@ -69,7 +69,7 @@ class DemlConfig:
     oam_steps: int = 10  # T (Eq. 3)
     oam_maps: Literal["both", "mid", "top"] = "both"  # GoogLeNet: inception4e / inception5b
     oam_sigma: float = 0.0  # the authors' spatial Gaussian on the edges (0.15); 0 = Eq. 2 alone
-    oam_min_frac: float = 0.25  # smallest crop side as a fraction of the input side
+    oam_min_frac: float = 0.25  # smallest crop side as a fraction of the input side; >= 1: no crop (ablation)
     label: Literal["auto", "category", "instance"] = "auto"  # auto: the dataset's retrieval_label
     query_split: str = ""  # '' = leave-one-out on the evaluated split; else queries from this split
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)

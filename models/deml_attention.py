@@ -86,13 +86,14 @@ def square_box(x0: float, y0: float, x1: float, y1: float, width: int, height: i
 def crop_boxes(att: torch.Tensor, min_frac: float = 0.25) -> torch.Tensor:
     """Object-attention proposals [B, H, W] -> square crop boxes [B, 4] (x0, y0, x1, y1 in pixels,
     x1/y1 exclusive): threshold at the map's mean, the largest connected region's bounding box,
-    squared and clipped. A flat map gives the whole image; boxes are at least min_frac x the side."""
+    squared and clipped. A flat map gives the whole image; boxes are at least min_frac x the side.
+    min_frac >= 1 gives every image whole (no zoom: the ablation that keeps I backbones but not the OAM)."""
     a = att.float().cpu().numpy()
     _, h, w = a.shape
     boxes = []
     for m in a:
         mask = m > m.mean()
-        if not mask.any():
+        if min_frac >= 1 or not mask.any():
             boxes.append((0.0, 0.0, float(w), float(h)))
             continue
         ys, xs = np.nonzero(_largest_region(mask))

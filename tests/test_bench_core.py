@@ -109,3 +109,31 @@ def test_crop_study_crops_track_the_box_or_stay_at_the_fixed_centre() -> None:
     assert fixed.max() == 0
     corner = square_crops([sample], "mark", 0.25, 32, (0.0, 0.0))[0]  # three quarters outside the image
     assert corner.max() == 0 and corner.shape == (32, 32, 3)
+
+
+def test_deml_crop_study_box_view_zooms_the_true_box_and_box_stats_match_hand_computed() -> None:
+    import numpy as np
+    import torch
+
+    from bench.deml_crop_study import box_stats, box_view
+
+    x = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    x[0, :, 16:32, 32:48] = 255  # a 16 px white square: box (0.5, 0.25, 0.75, 0.5)
+    box = torch.tensor([[0.5, 0.25, 0.75, 0.5]])
+    rng = np.random.default_rng(0)
+    full = box_view(x, box, 1.0, 0.0, rng)[0, 0]  # side 1.0 x the box: the square fills the view
+    assert full.shape == (64, 64) and full[2:-2, 2:-2].min() == 255
+    half = box_view(x, box, 2.0, 0.0, rng)[0, 0]  # side 2 x the box: the square is the central 32 px
+    bright = torch.nonzero(half > 128)
+    assert bright.min(0).values.tolist() == [16, 16] and bright.max(0).values.tolist() == [47, 47]
+    assert half[:12].max() == 0 and half[52:].max() == 0
+    moved = box_view(x, box, 2.0, 0.25, np.random.default_rng(1))[0, 0]  # the centre moved: not the same view
+    assert not torch.equal(moved, half)
+
+    true = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 0.75]])
+    pred = torch.tensor([[0.1, 0.0, 0.6, 0.5], [0.0, 0.0, 0.5, 0.5]])  # 1st: centre 0.1 right; 2nd: misses
+    s = box_stats(pred, true)
+    assert s["centre_inside"] == 0.5
+    assert abs(s["centre_err_x"] - (0.1 + 0.5) / 2) < 1e-6 and abs(s["centre_err_y"] - (0.0 + 0.375) / 2) < 1e-6
+    assert abs(s["side_ratio"] - 1.0) < 1e-6  # both predicted sides 0.5 vs longer true sides 0.5
+    assert abs(s["true_centre_spread_x"] - 0.25) < 1e-6 and abs(s["true_centre_spread_y"] - 0.1875) < 1e-6

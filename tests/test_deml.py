@@ -101,6 +101,8 @@ def test_oam_box_surrounds_the_blob_and_crop_zooms_it() -> None:
     assert out[0, 0, 10, 0].item() == pytest.approx(32.0, abs=0.6) and out[0, 0, 10, -1].item() == pytest.approx(63, abs=0.6)
     # a flat map gives the whole image
     assert crop_boxes(torch.zeros(1, 16, 16))[0].tolist() == [0.0, 0.0, 16.0, 16.0]
+    # min_frac >= 1 (the no-zoom ablation) gives the whole image even for the blob
+    assert crop_boxes(att, min_frac=1.0)[0].tolist() == [0.0, 0.0, 64.0, 64.0]
 
 
 # -- modules and shapes ----------------------------------------------------------------------------
