@@ -84,6 +84,9 @@ class DemlConfig:
         if self.cam == "none" and self.learners != 1:
             raise ValueError("model.cam 'none' (the U-baseline) needs model.learners: 1; the J learners of a "
                              "scale differ only through their CAMs")
+        if not self.oam_min_frac >= 0:
+            raise ValueError(f"model.oam_min_frac must be >= 0 (a fraction of the input side; >= 1: no crop), "
+                             f"got {self.oam_min_frac}")
         if not self.recall_ks or min(self.recall_ks) < 1:
             raise ValueError("model.recall_ks must list positive K")
 

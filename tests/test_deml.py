@@ -151,6 +151,8 @@ def test_config_and_label_errors_name_the_key() -> None:
         DemlConfig(cam="none", learners=2)
     with pytest.raises(ValueError, match="model.dim"):
         DemlConfig(dim=3, scales=2, learners=2)
+    with pytest.raises(ValueError, match="model.oam_min_frac"):
+        DemlConfig(oam_min_frac=-0.5)
     meta = DatasetMeta(name="x", attributes=(), categories=(), splits=("test",), extra={"retrieval_label": "instance"})
     assert label_field(DemlConfig(), meta) == "instance"
     assert label_field(DemlConfig(label="category"), meta) == "category"
