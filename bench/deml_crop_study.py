@@ -1,7 +1,7 @@
 """deml on cluttered_digits: how much of the zero-shot gap is localisation? (issue 5 study)
 
 One learner (deml's U + L_act: models.deml with one scale, one learner, binomial deviance and
-activation decay, d = 128) is trained for the same steps on different views of the same images,
+activation decay, d = --dim, 512 as jobs/configs/deml.yaml) is trained for the same steps on different views of the same images,
 then Recall@K is measured on the unseen digits 5-9 (test split, leave-one-out, cosine):
 
   whole   the whole image (what scale 1 of every DeML row sees)
@@ -94,12 +94,12 @@ def box_stats(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
 
 
 def train_eval(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: np.ndarray, steps: int, seed: int,
-               lr: float = 1e-3, classes: int = 5, per_class: int = 6) -> dict[str, float]:
+               dim: int = 512, lr: float = 1e-3, classes: int = 5, per_class: int = 6) -> dict[str, float]:
     """jobs/configs/deml.yaml's U + L_act recipe: Adam (learners 10x), weight decay 2e-4, 50 warm-up
     steps then cosine, batches of 5 classes x 6 images, random 60 px crops; R@K on the test images."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    cfg = DemlConfig(scales=1, learners=1, cam="none", dim=128, diversity="none")
+    cfg = DemlConfig(scales=1, learners=1, cam="none", dim=dim, diversity="none")
     model = Deml(cfg, "category")
     trunk = {id(p) for s in model.scales for p in [*s.fnet.parameters(), *s.gnet.parameters()]}
     opt = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) in trunk], "lr": lr},
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="whole,box1.2,box1.35,box1.6,jit0.035,jit0.07,oam")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dim", type=int, default=512, help="embedding size d (jobs/configs/deml.yaml: 512)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         t0 = time.perf_counter()
         r = train_eval(view_of(row, xtr, btr, oam and oam["train"], a.seed), ytr,
-                       view_of(row, xte, bte, oam and oam["test"], a.seed + 1), yte, a.steps, a.seed)
+                       view_of(row, xte, bte, oam and oam["test"], a.seed + 1), yte, a.steps, a.seed, a.dim)
         result[row] = {**r, "wall_s": time.perf_counter() - t0}
         print(f"| {row} | {r['r@1']:.3f} | {r['r@2']:.3f} | {r['r@4']:.3f} | {r['r@8']:.3f} | {result[row]['wall_s']:.0f} |",
               flush=True)
