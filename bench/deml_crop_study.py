@@ -1,8 +1,8 @@
 """deml on cluttered_digits: how much of the zero-shot gap is localisation? (issue 5 study)
 
 One learner (deml's U + L_act: models.deml with one scale, one learner, binomial deviance and
-activation decay, d = --dim, 512 as jobs/configs/deml.yaml) is trained for the same steps on different views of the same images,
-then Recall@K is measured on the unseen digits 5-9 (test split, leave-one-out, cosine):
+activation decay, d = --dim: 512 as jobs/configs/deml.yaml) is trained for the same steps on
+different views of the same images, then Recall@K is measured on the unseen digits 5-9 (test split, leave-one-out, cosine):
 
   whole   the whole image (what scale 1 of every DeML row sees)
   box*    the digit's true box (shards' `ink` box), squared to its longer side x F, zoomed to 64 px
@@ -14,7 +14,8 @@ in-memory (no Ray, DeepSpeed or shard streaming) so that a row takes about 80 s 
 its whole-image row is not the platform's U + L_act row (same model and loss, other data order).
 
     python bench/deml_crop_study.py --data data/shards/cluttered_digits \
-        [--oam-run runs/deml_ablation/d21] [--rows whole,box1.2,box1.35,box1.6,jit0.035,jit0.07,oam] [--steps 1500]
+        [--oam-run runs/deml_ablation/d31] [--rows whole,box1.2,box1.35,box1.6,jit0.035,jit0.07,oam] \
+        [--steps 1500] [--dim 512]
 """
 from __future__ import annotations
 
@@ -97,17 +98,18 @@ def train_eval(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: np.nd
                dim: int = 512, lr: float = 1e-3, classes: int = 5, per_class: int = 6) -> dict[str, float]:
     """jobs/configs/deml.yaml's U + L_act recipe: Adam (learners 10x), weight decay 2e-4, 50 warm-up
     steps then cosine, batches of 5 classes x 6 images, random 60 px crops; R@K on the test images."""
+    from jobs.engine import lr_factor, make_optimizer
+    from jobs.schema import OptimSection, ScheduleSection
+    from models.deml import optim_groups
+
     torch.manual_seed(seed)
     rng = random.Random(seed)
     cfg = DemlConfig(scales=1, learners=1, cam="none", dim=dim, diversity="none")
     model = Deml(cfg, "category")
-    trunk = {id(p) for s in model.scales for p in [*s.fnet.parameters(), *s.gnet.parameters()]}
-    opt = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) in trunk], "lr": lr},
-                            {"params": [p for p in model.parameters() if id(p) not in trunk], "lr": 10 * lr}],
-                           weight_decay=2e-4)
-    warm = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + np.cos(np.pi * (s - warm) / (steps - warm))))
+    # the platform's optimiser and schedule (learners at 10x, as jobs/train.py builds them)
+    opt = make_optimizer(optim_groups(model, cfg)["main"], OptimSection(name="adam", lr=lr, weight_decay=2e-4))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, ScheduleSection(max_steps=steps, kind="cosine", warmup_steps=50)))
     by_class: dict[int, list[int]] = {}
     for i, c in enumerate(ytr.tolist()):
         by_class.setdefault(int(c), []).append(i)
