@@ -36,19 +36,30 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 KEYS = ("r@1", "r@2", "r@4", "r@8")
 
 
-def raw_pixels(data: Path, split: str = "test") -> dict[str, float]:
-    from models.retrieval import knn_recall_at_k
+def split_tensors(data: Path, split: str, size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(uint8 images [N, 3, S, S] at `size` (default: the shards' own), category ids [N], the first
+    attribute's box per image [N, 4] in image fractions, or None unless every sample has one)."""
     from shards.augment import AugmentConfig
     from shards.format import read_meta
     from shards.reader import LoaderConfig, make_loader
 
-    size = int(read_meta(data).extra.get("size", 64))
-    embs, labs = [], []
+    size = size or int(read_meta(data).extra.get("size", 64))
+    xs, cats, boxes = [], [], []
     for b in make_loader(data, split, mode="eval", cfg=LoaderConfig(batch_size=256, num_workers=0),
                          augment=AugmentConfig(resize=size, size=size, hflip=False), kind="samples", rank=0, world_size=1):
-        embs.append(b["image"].float().flatten(1).numpy())
-        labs.append(b["category"].numpy())
-    e, lab = np.concatenate(embs), np.concatenate(labs)
+        xs.append(b["image"].numpy())
+        cats.append(b["category"].numpy())
+        if b["boxes"].shape[1]:  # [B, attributes, 4], NaN where a sample has no box
+            boxes.append(b["boxes"][:, 0].numpy())
+    first = np.concatenate(boxes) if boxes else None
+    return np.concatenate(xs), np.concatenate(cats), (first if first is not None and np.isfinite(first).all() else None)
+
+
+def raw_pixels(data: Path, split: str = "test") -> dict[str, float]:
+    from models.retrieval import knn_recall_at_k
+
+    x, lab, _ = split_tensors(data, split)
+    e = x.reshape(len(x), -1).astype(np.float32)
     e = e - e.mean(1, keepdims=True)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
     r = knn_recall_at_k(e, lab, e, lab, ks=(1, 2, 4, 8), exclude_self=np.arange(len(lab)))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.deml_ablation import split_tensors  # noqa: E402
 from models.deml import Deml, DemlConfig, deml_loss  # noqa: E402
 from models.deml_attention import crop_and_zoom  # noqa: E402
 from models.retrieval import knn_recall_at_k  # noqa: E402
@@ -40,17 +41,10 @@ SIZE, CROP = 64, 60  # the benchmark's augment: resize 64, random (train) / cent
 
 def load_split(data: Path, split: str) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     """(uint8 images [N, 3, 64, 64], category ids [N], the digit's true box [N, 4] in image fractions)."""
-    from shards.augment import AugmentConfig
-    from shards.reader import LoaderConfig, make_loader
-
-    xs, cats, boxes = [], [], []
-    for b in make_loader(data, split, mode="eval", cfg=LoaderConfig(batch_size=256, num_workers=0),
-                         augment=AugmentConfig(resize=SIZE, size=SIZE, hflip=False), kind="samples",
-                         rank=0, world_size=1):
-        xs.append(b["image"])
-        cats.append(b["category"].numpy())
-        boxes.append(b["boxes"][:, 0])
-    return torch.cat(xs), np.concatenate(cats), torch.cat(boxes)
+    x, cats, boxes = split_tensors(data, split, SIZE)
+    if boxes is None:
+        raise SystemExit(f"{data}: the {split!r} shards carry no region boxes; the crop study needs the digit's box")
+    return torch.from_numpy(x), cats, torch.from_numpy(boxes)
 
 
 def box_view(x: torch.Tensor, boxes: torch.Tensor, factor: float, sigma: float, rng: np.random.Generator) -> torch.Tensor:

@@ -137,3 +137,21 @@ def test_deml_crop_study_box_view_zooms_the_true_box_and_box_stats_match_hand_co
     assert abs(s["centre_err_x"] - (0.1 + 0.5) / 2) < 1e-6 and abs(s["centre_err_y"] - (0.0 + 0.375) / 2) < 1e-6
     assert abs(s["side_ratio"] - 1.0) < 1e-6  # both predicted sides 0.5 vs longer true sides 0.5
     assert abs(s["true_centre_spread_x"] - 0.25) < 1e-6 and abs(s["true_centre_spread_y"] - 0.1875) < 1e-6
+
+
+def test_deml_split_tensors_reads_every_image_with_its_category_and_first_box(tiny_attrworld) -> None:
+    import numpy as np
+
+    from bench.deml_ablation import split_tensors
+    from shards.format import read_meta
+
+    meta = read_meta(tiny_attrworld)
+    x, cats, boxes = split_tensors(tiny_attrworld, "train")
+    assert x.dtype == np.uint8 and x.shape[1:] == (3, 32, 32)  # the shards' own size
+    assert len(cats) == len(x) == meta.extra["split_counts"]["train"]
+    assert set(cats.tolist()) <= set(range(8)) and len(set(cats.tolist())) > 1
+    assert meta.attributes[0].name == "smile" and boxes is not None  # every face has a mouth box
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    assert boxes.shape == (len(x), 4) and (boxes[:, 2] > boxes[:, 0]).all() and cy.mean() > 0.55  # mostly low in the face
+    small, _, _ = split_tensors(tiny_attrworld, "train", size=16)
+    assert small.shape[1:] == (3, 16, 16)
