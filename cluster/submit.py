@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.connection import (DEFAULT_ADDRESS, ClusterError, Connection, SubmitConfig, Target, connect,
+from cluster.job_client import (DEFAULT_ADDRESS, ClusterError, Connection, SubmitConfig, Target, connect,
                                 load_config)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -27,7 +27,7 @@ from typing import Iterator
 
 import pytest
 
-from cluster import connection, submit
+from cluster import job_client, submit
 from jobs.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,31 +37,31 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_address_resolution_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = connection.SubmitConfig(address="cfg-head:8265")
+    cfg = job_client.SubmitConfig(address="cfg-head:8265")
     env = {"RAY_ADDRESS": "env-head:8265"}
-    assert connection.resolve_address("flag-head:1", cfg, "c.yaml", env) == connection.Target("http://flag-head:1", "--address")
-    assert connection.resolve_address(None, cfg, "c.yaml", env) == connection.Target("http://env-head:8265", "RAY_ADDRESS")
-    assert connection.resolve_address(None, cfg, "c.yaml", {"RAY_ADDRESS": "auto"}).source == "c.yaml"
-    assert connection.resolve_address(None, connection.SubmitConfig(), "c.yaml", {}) == connection.Target(connection.DEFAULT_ADDRESS, "default")
-    assert connection.normalise_address("https://h:443/", "x").url == "https://h:443"
-    with pytest.raises(connection.ClusterError, match="not a dashboard URL"):
-        connection.normalise_address("ray://h:10001", "--address")
+    assert job_client.resolve_address("flag-head:1", cfg, "c.yaml", env) == job_client.Target("http://flag-head:1", "--address")
+    assert job_client.resolve_address(None, cfg, "c.yaml", env) == job_client.Target("http://env-head:8265", "RAY_ADDRESS")
+    assert job_client.resolve_address(None, cfg, "c.yaml", {"RAY_ADDRESS": "auto"}).source == "c.yaml"
+    assert job_client.resolve_address(None, job_client.SubmitConfig(), "c.yaml", {}) == job_client.Target(job_client.DEFAULT_ADDRESS, "default")
+    assert job_client.normalise_address("https://h:443/", "x").url == "https://h:443"
+    with pytest.raises(job_client.ClusterError, match="not a dashboard URL"):
+        job_client.normalise_address("ray://h:10001", "--address")
 
 
 def test_token_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "env_file").write_text("from-env-path\n")
     (tmp_path / "cfg_file").write_text("from-config\n")
-    cfg = connection.SubmitConfig(token_path=str(tmp_path / "cfg_file"))
+    cfg = job_client.SubmitConfig(token_path=str(tmp_path / "cfg_file"))
     env = {"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "env_file")}
-    assert connection.find_token(cfg, "c.yaml", env).token == "from-env"
-    assert connection.find_token(cfg, "c.yaml", {**env, "RAY_AUTH_TOKEN": ""}).token == "from-env-path"
-    assert connection.find_token(cfg, "c.yaml", {}).token == "from-config"
-    assert connection.find_token(connection.SubmitConfig(), "c.yaml", {}).token is None
-    default = connection.default_token_path()
+    assert job_client.find_token(cfg, "c.yaml", env).token == "from-env"
+    assert job_client.find_token(cfg, "c.yaml", {**env, "RAY_AUTH_TOKEN": ""}).token == "from-env-path"
+    assert job_client.find_token(cfg, "c.yaml", {}).token == "from-config"
+    assert job_client.find_token(job_client.SubmitConfig(), "c.yaml", {}).token is None
+    default = job_client.default_token_path()
     default.parent.mkdir(parents=True)
     default.write_text("from-default")
-    found = connection.find_token(connection.SubmitConfig(), "c.yaml", {})
+    found = job_client.find_token(job_client.SubmitConfig(), "c.yaml", {})
     assert found.token == "from-default" and "from-default" not in repr(found)
 
 
@@ -82,17 +82,17 @@ def test_config_is_strict_and_overlays_the_default(tmp_path: Path, capsys: pytes
     assert "adress: unknown key" in capsys.readouterr().err
     good = tmp_path / "good.yaml"
     good.write_text("python: /opt/venv/bin/python\nruntime_env: {env_vars: {A: '1'}}\n")
-    cfg = connection.load_config(good)
+    cfg = job_client.load_config(good)
     assert cfg.python == "/opt/venv/bin/python" and cfg.runtime_env.env_vars == {"A": "1"}
-    assert cfg.runtime_env.excludes == connection.load_config().runtime_env.excludes  # kept from the default
+    assert cfg.runtime_env.excludes == job_client.load_config().runtime_env.excludes  # kept from the default
 
 
 def test_command_checked_locally_and_quoted() -> None:
     args = submit.job_command(["--", "shards", "info", "/data/my shards"])
     assert submit.entrypoint("python", args) == "python -m jobs.cli shards info '/data/my shards'"
-    with pytest.raises(connection.ClusterError, match="nothing to submit"):
+    with pytest.raises(job_client.ClusterError, match="nothing to submit"):
         submit.job_command(["--"])
-    with pytest.raises(connection.ClusterError, match="talks to the cluster"):
+    with pytest.raises(job_client.ClusterError, match="talks to the cluster"):
         submit.job_command(["jobs", "list"])
     with pytest.raises(SystemExit):  # attrlab's own usage error, before anything is sent
         submit.job_command(["shards", "biuld"])
@@ -101,7 +101,7 @@ def test_command_checked_locally_and_quoted() -> None:
 def test_upload_excludes_keep_the_package_small(tmp_path: Path) -> None:
     from ray._private.runtime_env.packaging import create_package
 
-    excludes = list(connection.load_config().runtime_env.excludes)
+    excludes = list(job_client.load_config().runtime_env.excludes)
     tree = tmp_path / "tree"
     for rel in ("pyproject.toml", "jobs/cli.py", "shards/data/keep.py", "data/lfw/train-000000.tar",
                 "runs/r1/model.pt", ".venv/lib/x.py", ".git/HEAD", "jobs/__pycache__/cli.pyc", "big.tar"):

@@ -1,6 +1,8 @@
-"""Reaching a Ray cluster's job server for `attrlab submit` / `attrlab jobs`: the client config
-(cluster/submit.yaml), the address and token look-ups, the dashboard probe, and the mapping of the
-SDK's exceptions to one-line errors. The lookup orders are documented in cluster/submit.py.
+"""The client side of `attrlab submit` / `attrlab jobs`: reaching a Ray cluster's job server (the
+dashboard's job API). Holds the client config (cluster/submit.yaml), the address and token
+look-ups, the dashboard probe, and the mapping of the SDK's exceptions to one-line errors. The
+look-up orders are documented in cluster/submit.py. (cluster/connect.py is the other direction:
+how attrlab's own commands join or start a Ray cluster.)
 """
 from __future__ import annotations
 
