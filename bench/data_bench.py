@@ -69,7 +69,7 @@ def embedded(work: Path, name: str, count: int, size: int | None = None) -> Path
 
     out = work / (name if size is None else f"{name}_{size}")
     write_dataset(plan_embedded(name, BuildOptions(count=count, size=size)), out, shard_size=500, workers=2,
-                  progress=False)
+                  progress=False, overwrite=True)
     return out
 
 

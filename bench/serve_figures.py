@@ -91,7 +91,7 @@ def tiny_stn_run(work: Path) -> Path:
     data = work / "attrworld32"
     plan = plan_embedded("attrworld", BuildOptions(seed=0, size=32, count=96, options={
         "images_per_identity": "8", "pairs_per_attribute": "200", "clutter": "4"}))
-    write_dataset(plan, data, shard_size=16, workers=1, progress=False)
+    write_dataset(plan, data, shard_size=16, workers=1, progress=False, overwrite=True)
     if out.exists():  # an interrupted earlier attempt
         import shutil
 

@@ -45,7 +45,7 @@ def ensure_data(out: Path, count: int) -> Path:
     from shards.writer import write_dataset
 
     root = out / "attrworld"
-    write_dataset(plan_embedded("attrworld", BuildOptions(count=count)), root, shard_size=500, workers=2)
+    write_dataset(plan_embedded("attrworld", BuildOptions(count=count)), root, shard_size=500, workers=2, overwrite=True)
     files = out / "attrworld_files"
     if not (files / "DONE").exists():
         for r in iter_samples(root, "train"):

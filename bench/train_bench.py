@@ -77,7 +77,7 @@ def shards(ctx: Any, name: str = "attrworld") -> Path:
     else:
         dataset, opts = name, BuildOptions()
     write_dataset(plan_embedded(dataset, opts), root, shard_size=16 if ctx.smoke else 500,
-                  workers=1 if ctx.smoke else 2, progress=not ctx.smoke)
+                  workers=1 if ctx.smoke else 2, progress=not ctx.smoke, overwrite=True)
     return root
 
 

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from shards.writer import write_dataset
 
         data = a.out / "shards"
-        write_dataset(plan_embedded("attrworld", BuildOptions(**TRANSLATION_BUILD)), data, shard_size=500, workers=2)
+        write_dataset(plan_embedded("attrworld", BuildOptions(**TRANSLATION_BUILD)), data, shard_size=500, workers=2,
+                      overwrite=True)
     oracle = run_row("attr_oracle", data, a.out / "oracle", a.oracle_steps, [], a.threads)
     print(f"oracle: score {oracle['metrics']['oracle_score']:.3f}, spearman/hair_dark "
           f"{oracle['metrics']['spearman/hair_dark']:.3f} ({oracle['wall_s']:.0f} s)", flush=True)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.config import dump
-from shards.format import ShardError
+from shards.format import ShardError, read_json_file
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,12 @@ def sweep_orphan_staging(tmp_root: Path | None = None) -> list[Path]:
 
 
 def read_state(directory: Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / STATE).read_text())
+    state = read_json_file(Path(directory) / STATE, f"the checkpoint {directory} is corrupt: delete that directory "
+                           "to fall back to the one before it")
+    if not isinstance(state.get("step"), int):
+        raise ShardError(f"{Path(directory) / STATE}: no integer 'step'; the checkpoint {directory} is corrupt: "
+                         "delete that directory to fall back to the one before it")
+    return state
 
 
 def _rank() -> int:
@@ -132,8 +137,21 @@ def find_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints under a run directory (local or Ray layout), oldest first."""
     run_dir = Path(run_dir)
     found = [p.parent for p in run_dir.glob("checkpoints/*/" + STATE)] + [p.parent for p in run_dir.glob("checkpoint_*/" + STATE)]
-    found = [p for p in found if (p / EXPORT / "model.safetensors").is_file() and is_complete(p)]
+    found = [p for p in found if (p / EXPORT / "model.safetensors").is_file() and _usable(p)]
     return sorted(found, key=lambda p: read_state(p)["step"])
+
+
+def _usable(directory: Path) -> bool:
+    """Complete and readable; a corrupt checkpoint is skipped with a warning naming it, so that one
+    damaged old checkpoint does not make the whole run unreadable."""
+    try:
+        if is_complete(directory):
+            return True
+        log.warning("skipping checkpoint %s: incomplete (a file listed in files-rank*.json is missing or of "
+                    "another size; a worker stopped while writing it, or the file was changed)", directory)
+    except ShardError as e:
+        log.warning("skipping checkpoint %s: %s", directory, e)
+    return False
 
 
 def is_complete(directory: Path) -> bool:
@@ -143,7 +161,7 @@ def is_complete(directory: Path) -> bool:
     if len(lists) < read_state(directory).get("world", len(lists)):
         return False
     for listing in lists:
-        for rel, size in json.loads(listing.read_text()).items():
+        for rel, size in read_json_file(listing, f"the checkpoint {directory} is corrupt").items():
             f = directory / rel
             if not f.is_file() or f.stat().st_size != size:
                 return False
@@ -160,6 +178,13 @@ def storage_dir(run_dir: Path, storage_path: str) -> Path | None:
 def latest_export(run_dir: Path) -> Path:
     ckpts = find_checkpoints(run_dir)
     if not ckpts:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise ShardError(f"{run_dir}: no such run directory; give the --out of an `attrlab train` run")
+        present = [p.parent for p in run_dir.glob("checkpoints/*/" + STATE)] + [p.parent for p in run_dir.glob("checkpoint_*/" + STATE)]
+        if present:
+            raise ShardError(f"{run_dir}: its {len(present)} checkpoint(s) are incomplete or corrupt (files missing or "
+                             "of the wrong size, or no export); resume training with the same --out to write a new one")
         raise ShardError(f"{run_dir}: no finished checkpoint with an export; train first (attrlab train ... --out {run_dir})")
     return ckpts[-1] / EXPORT
 

@@ -15,16 +15,17 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
 from jobs import config as configlib
-from shards.format import ShardError, read_manifest, read_meta
+from shards.format import ShardError, read_json_file, read_manifest, read_meta
+
+log = logging.getLogger(__name__)
 
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -70,14 +71,31 @@ def with_deepspeed_file(cfg: Any, source: Path) -> Any:
 
 def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
     """Save config + data provenance, or check them against the run being resumed."""
+    from jobs.checkpoints import find_checkpoints, read_state, storage_dir
+
     manifest = read_manifest(data)
     cfg_dict = configlib.to_dict(cfg)
     saved = run_dir / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ShardError(f"--out {run_dir}: is a file, not a directory; choose a new --out")
+    ckpts, elsewhere = [], False
     if saved.is_file():
-        old = yaml.safe_load(saved.read_text()) or {}
-        prev = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        where = storage_dir(run_dir, cfg.scaling.storage_path)
+        elsewhere = where is None  # an object store: its checkpoints cannot be listed from here
+        ckpts = sorted({*find_checkpoints(run_dir), *(find_checkpoints(where) if where else [])},
+                       key=lambda c: read_state(c)["step"])
+    if saved.is_file() and (ckpts or elsewhere):
+        old = configlib.read_yaml(saved)
+        prev = read_json_file(run_dir / "run.json", "restore it, or train into a new --out") \
+            if (run_dir / "run.json").is_file() else {}
+        if not isinstance(old, dict):
+            raise ShardError(f"{saved}: not a mapping of config sections; restore it, or train into a new --out")
         if prev.get("method") not in (None, method):
             raise ShardError(f"--out {run_dir}: holds a {prev['method']} run; choose another directory")
+        done = read_state(ckpts[-1])["step"] if ckpts else 0
+        if cfg.schedule.max_steps < done:
+            raise ShardError(f"--out {run_dir}: schedule.max_steps {cfg.schedule.max_steps} is below the step of its "
+                             f"latest checkpoint ({done}); give --max-steps >= {done}, or a new --out")
         a, b = configlib.flatten(old), configlib.flatten(cfg_dict)
         # a key the saved config predates counts as its default, so runs of older versions still resume
         a = {**{k: v for k, v in configlib.flatten(configlib.to_dict(type(cfg)())).items() if k not in a}, **a}
@@ -89,6 +107,12 @@ def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
         if prev.get("manifest_checksum") not in (None, manifest["checksum"]):
             raise ShardError(f"--out {run_dir}: was trained on shards {prev['manifest_checksum']}, --data {data} is "
                              f"{manifest['checksum']}; use a new --out")
+    elif saved.is_file():  # a run that never reached a checkpoint (e.g. a bad value crashed it): start afresh
+        prev = (run_dir / "run.json").read_text(errors="replace") if (run_dir / "run.json").is_file() else ""
+        if f'"method": "{method}"' not in prev:
+            raise ShardError(f"--out {run_dir}: holds a run of another method (or a damaged run.json); "
+                             "choose another directory")
+        log.warning("--out %s has no checkpoint yet: starting it again with this config", run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ShardError(f"--out {run_dir}: exists and is not an attrlab run directory; choose a new one")
     try:

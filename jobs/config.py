@@ -7,6 +7,7 @@ unions (`X | None`), Literal, tuple[X, ...], dict[str, X] and nested dataclasses
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -152,7 +153,11 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> di
 def read_yaml(path: Path) -> Any:
     """Safe-load a YAML file; a syntax error is one ConfigError naming the file and line."""
     try:
-        return yaml.safe_load(Path(path).read_text()) or {}
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a YAML file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; give a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -184,14 +189,24 @@ def load(cls: type[T], path: Path | None = None, overrides: list[str] | None = N
         data = _merge(data, loaded)
         where = str(path)
     data = apply_overrides(cls, data, overrides or [])
-    set_keys = [o.partition("=")[0] for o in overrides or []]
     try:
         return build(cls, data)
     except ConfigError as e:
         msg = str(e)
-        if any(msg.startswith(k + ":") or msg.startswith(k + ".") or msg.startswith(k + "[") for k in set_keys):
-            where = "--set"  # the bad value came from the command line, not the file
+        blamed = [o for o in overrides or [] if _names(msg, o.partition("=")[0])]
+        if blamed:  # the bad value came from the command line, not the file
+            where = "command line (" + ", ".join(blamed) + ")"
         raise ConfigError(f"{where}: {msg}") from None
+
+
+def _names(msg: str, key: str) -> bool:
+    """Does a build error name the override's key? Field errors start with the dotted key; a
+    section's own check (__post_init__) starts with the section and names the field in its text."""
+    if any(msg.startswith(key + c) for c in ":.["):
+        return True
+    section, _, text = msg.partition(":")
+    field = key.rsplit(".", 1)[-1]
+    return key.startswith(section + ".") and re.search(rf"(?<!\w){re.escape(field)}(?!\w)", text) is not None
 
 
 def _merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:

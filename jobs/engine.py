@@ -206,7 +206,12 @@ def check_pickles(directory: str) -> None:
     from shards.format import ShardError
 
     for f in sorted(Path(directory).glob("*.pt")):
-        bad = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f))) - DEEPSPEED_GLOBALS)
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(f))
+        except Exception as e:  # noqa: BLE001 — torch raises ValueError / RuntimeError / UnpicklingError on a damaged file
+            raise ShardError(f"{f}: not a readable checkpoint ({type(e).__name__}); delete its checkpoint directory "
+                             f"({Path(directory).parent}) to resume from the one before it") from None
+        bad = sorted(set(found) - DEEPSPEED_GLOBALS)
         if bad:
             raise ShardError(f"{f}: refusing to load a checkpoint that references {', '.join(bad[:3])}; "
                              "it was not written by attrlab (or was modified): train into a new --out")

@@ -13,7 +13,8 @@ import torch
 from jobs import config as configlib
 from jobs.checkpoints import latest_export, read_state
 from models import registry
-from shards.format import DatasetMeta, ShardError, read_manifest
+from shards.format import DatasetMeta, ShardError, read_json_file, read_manifest, read_meta
+from shards.reader import verify_split
 
 
 def load_export(export: Path) -> tuple[registry.Method, Any, torch.nn.Module, DatasetMeta]:
@@ -25,9 +26,14 @@ def load_export(export: Path) -> tuple[registry.Method, Any, torch.nn.Module, Da
     state = read_state(export.parent)
     method = registry.get(state["method"])
     cfg = configlib.load(resolve_config_class(method.name), export / "config.yaml")
-    meta = DatasetMeta.from_json(json.loads((export / "meta.json").read_text()), where=str(export / "meta.json"))
+    fix = f"the export {export} is corrupt: delete its checkpoint directory to fall back to the one before it"
+    meta = DatasetMeta.from_json(read_json_file(export / "meta.json", fix), where=str(export / "meta.json"))
     model = method.build(cfg.model, meta)
-    missing, unexpected = model.load_state_dict(load_file(str(export / "model.safetensors")), strict=False)
+    try:
+        weights = load_file(str(export / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 — safetensors raises its own error types for a damaged file
+        raise ShardError(f"{export}/model.safetensors: not a readable safetensors file ({e}); {fix}") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ShardError(f"{export}/model.safetensors: does not match {method.name} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -49,12 +55,30 @@ def evaluate_run(run_dir: Path, data: Path | None = None, split: str | None = No
     export = latest_export(run_dir)
     method, cfg, model, meta = load_export(export)
     data = Path(data or cfg.data.path)
-    manifest = read_manifest(data)
     split = split or cfg.data.test_split
+    manifest = check_run_data(meta, data, split)
     with torch.no_grad():
         loaders = EvalData(cfg, str(data), split, workers=workers, method=method.name, meta=meta)
         metrics = method.evaluate(model, loaders, cfg.model, meta)
     out = {**metrics, "method": method.name, "split": split, "step": read_state(export.parent)["step"],
            "checkpoint": str(export.parent), "data": str(data), "manifest_checksum": manifest["checksum"]}
-    (run_dir / "metrics.json").write_text(json.dumps(out, indent=1, sort_keys=True))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(out, indent=1, sort_keys=True))
     return out
+
+
+def check_run_data(meta: DatasetMeta, data: Path, split: str) -> dict[str, Any]:
+    """The manifest of `data`, after checking that it is the dataset the run was trained on (by
+    name: a rebuilt or re-imported copy is fine) and that `split`'s shards are intact."""
+    other = read_meta(data)
+    if other.name != meta.name:
+        raise ShardError(f"{data}: shard set {other.name!r}, but the run was trained on {meta.name!r}; pass --data "
+                         f"of a {meta.name!r} shard set (or leave --data out to use the run's own)")
+    verify_split(data, split)
+    return read_manifest(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -133,9 +133,8 @@ def build_run_index(run_dir: Path, data: Path | None = None, split: str | None =
 
     from jobs.checkpoints import latest_export, read_state
     from jobs.embed import embed_split
-    from jobs.evaluate import load_export
+    from jobs.evaluate import check_run_data, load_export
     from models.knn import build_index, save_index
-    from shards.format import read_manifest
 
     t0 = time.perf_counter()
     params = dict(params or {})
@@ -144,6 +143,8 @@ def build_run_index(run_dir: Path, data: Path | None = None, split: str | None =
         raise ShardError(f"{run_dir}: no such run directory; pass the --out of `attrlab train`")
     if workers < 0:
         raise ShardError(f"--workers {workers}: expected 0 (in this process) or more")
+    if batch_size is not None and batch_size < 1:
+        raise ShardError(f"--batch-size {batch_size}: must be >= 1 (or leave it out for data.loader's)")
     check_index_args(kind, metric, params)
     export = latest_export(run_dir)
     method, cfg, model, meta = load_export(export)
@@ -151,8 +152,8 @@ def build_run_index(run_dir: Path, data: Path | None = None, split: str | None =
         raise ShardError(f"method {method.name} has no embedding; `attrlab index` needs a run of an "
                          "embedding method (e.g. coop_embed)")
     data = Path(data or cfg.data.path)
-    manifest = read_manifest(data)
     split = split or default_split(cfg)
+    manifest = check_run_data(meta, data, split)
     out = Path(out) if out is not None else run_dir / "index" / f"{split}-{kind}"
     check_out(out)
 

@@ -58,7 +58,7 @@ def build_shards(out: Path, workers: int) -> bool:
     for name, folder, opts in builds:
         root = out / "shards" / folder
         t0 = time.perf_counter()
-        write_dataset(plan_embedded(name, opts), root, shard_size=500, workers=workers)
+        write_dataset(plan_embedded(name, opts), root, shard_size=500, workers=workers, overwrite=True)  # the demo's own folder
         built = time.perf_counter() - t0
         problems, _ = validate(root)
         print(summary(root))

@@ -7,8 +7,13 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+from shards.format import ShardError, read_json_file
+
+log = logging.getLogger(__name__)
 
 
 
@@ -16,7 +21,16 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "train_log.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            row = None  # a line cut short by a killed worker: the curves skip it
+            log.warning("%s:%d: not a JSON row; skipped in the curves", path, n)
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_curves(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
@@ -65,12 +79,16 @@ def build_report(run_dir: Path, data: Path | None = None) -> Path:
     from jobs.train import eval_loaders
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ShardError(f"{run_dir}: no such run directory; give the --out of an `attrlab train` run")
+    export = latest_export(run_dir)  # fails early, in one line, on a run without a usable checkpoint
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else evaluate_run(run_dir, data)
+    metrics = (read_json_file(metrics_path, f"re-create it with `attrlab eval {run_dir}`") if metrics_path.is_file()
+               else evaluate_run(run_dir, data))
     curves = plot_curves(read_log(run_dir), out)
-    method, cfg, model, meta = load_export(latest_export(run_dir))
+    method, cfg, model, meta = load_export(export)
     figures: list[tuple[str, str]] = []
     if method.figures is not None:
         split = metrics.get("split", cfg.data.test_split)

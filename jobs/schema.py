@@ -33,6 +33,17 @@ class OptimSection:
     lr_mult: dict[str, float] = field(default_factory=dict)  # param-group name -> extra lr multiplier
     grad_clip: float = 0.0  # max global grad norm; 0 = off
 
+    def __post_init__(self) -> None:
+        if not self.lr >= 0:  # 0 is allowed: an untrained baseline that only calibrates BatchNorm statistics
+            raise ValueError(f"optim.lr must be >= 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("optim.weight_decay and optim.grad_clip must be >= 0, optim.momentum in [0, 1)")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must each be in [0, 1), got {list(self.betas)}")
+        bad = {k: v for k, v in self.lr_mult.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"optim.lr_mult: multipliers must be >= 0 (0 freezes a group), got {bad}")
+
 
 @dataclass(frozen=True)
 class ScheduleSection:
@@ -47,6 +58,9 @@ class ScheduleSection:
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.grad_accum < 1:
             raise ValueError("schedule.max_steps and schedule.grad_accum must be >= 1")
+        if self.warmup_steps < 0 or self.step_every < 1 or self.log_every < 1 or not self.gamma > 0:
+            raise ValueError("schedule.warmup_steps must be >= 0, schedule.step_every and schedule.log_every >= 1, "
+                             "schedule.gamma > 0")
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,11 @@ class ScalingSection:
     storage_path: str = ""  # shared filesystem path or object-store URI for multi-node runs
     # Ray placement of the workers: PACK fills a node first; SPREAD / STRICT_SPREAD one per node
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.gpus_per_worker < 0 or not self.cpus_per_worker > 0:
+            raise ValueError(f"scaling.workers must be >= 1 (got {self.workers}), scaling.gpus_per_worker >= 0 "
+                             f"(got {self.gpus_per_worker}), scaling.cpus_per_worker > 0 (got {self.cpus_per_worker})")
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,11 @@ class CheckpointSection:
     fail_at_step: int = -1  # fault injection (tests, drills): rank 0 dies once at this step (a Ray worker: SIGKILL)
     min_free_mb: float = 0.0  # refuse a checkpoint that would leave less free space than this on its storage
 
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.keep < 0 or self.max_failures < 0:
+            raise ValueError(f"checkpoint.every_steps must be >= 1 (got {self.every_steps}), checkpoint.keep and "
+                             "checkpoint.max_failures >= 0")
+
 
 @dataclass(frozen=True)
 class EvalSection:
@@ -82,6 +106,8 @@ class EvalSection:
     max_batches: int = 0  # kept so saved run configs still load: only 0 (the whole split) is supported
 
     def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ValueError(f"eval.every_steps must be >= 1, got {self.every_steps}")
         if self.max_batches != 0:  # was accepted and ignored; now a clear error instead of a silent no-op
             raise ValueError(f"max_batches: {self.max_batches} is not supported: validation runs over the whole "
                              "split (retrieval metrics need every gallery item); set 0, or validate on a smaller "

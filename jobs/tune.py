@@ -37,7 +37,7 @@ from jobs import config as configlib
 from jobs.config import ConfigError
 from jobs.schema import TrackingSection
 from jobs.tune_space import SPACE_DIR, Space, load_space, override
-from shards.format import ShardError, read_manifest
+from shards.format import ShardError, read_json_file, read_manifest
 
 TRIAL_CPU = 0.01  # the trial function only waits on its trainer; its workers hold the real CPUs
 TUNE_DIR, TRIALS_DIR, SWEEP_FILE, PARAMS_FILE = "tune", "trials", "sweep.json", "params.json"
@@ -131,11 +131,23 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def read_sweep(sweep_dir: Path) -> dict[str, Any]:
+    """sweep.json, checked for the keys the tables need (one line naming the file otherwise)."""
+    path = sweep_dir / SWEEP_FILE
+    sweep = read_json_file(path, "restore it, or re-run the sweep into a new --out")
+    missing = [k for k in ("metric", "mode", "method") if k not in sweep]
+    if missing:
+        raise ShardError(f"{path}: no {', '.join(missing)}; restore it, or re-run the sweep into a new --out")
+    return sweep
+
+
 def check_sweep_dir(out: Path, sweep: dict[str, Any], *, write: bool = False) -> None:
     """A new sweep directory, or one holding this same sweep; `write` records the sweep in it."""
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out}: is a file, not a directory; choose a new --out")
     saved = out / SWEEP_FILE
     if saved.is_file():
-        old = json.loads(saved.read_text())
+        old = read_json_file(saved, "restore it, or sweep into a new --out")
         for k in IDENTITY:
             if old.get(k) != sweep.get(k):
                 raise ShardError(f"--out {out}: resuming a sweep with a different {k} ({old.get(k)!r} -> {sweep.get(k)!r});"
@@ -282,7 +294,7 @@ def report_sweep(sweep_dir: Path, statuses: dict[str, str], expected: int) -> in
     """Table, CSV, HTML; exit 130 (re-run to resume) unless all `expected` trials have ended."""
     from jobs.tune_report import collect, print_table, write_results
 
-    sweep = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    sweep = read_sweep(sweep_dir)
     rows = collect(sweep_dir, sweep, statuses)
     write_results(sweep_dir, sweep, rows)
     print_table(sweep, rows)
@@ -306,7 +318,7 @@ def cmd_best(sweep_dir: Path, export: Path | None) -> int:
 
     if not (sweep_dir / SWEEP_FILE).is_file():
         raise ShardError(f"{sweep_dir}: not a sweep directory (no {SWEEP_FILE}); run attrlab tune METHOD --out {sweep_dir}")
-    sweep = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    sweep = read_sweep(sweep_dir)
     row = best_row(sweep, collect(sweep_dir, sweep, {}))
     trial_dir = sweep_dir / TRIALS_DIR / row["trial_id"]
     print(json.dumps({"trial_id": row["trial_id"], sweep["metric"]: row["best"], "step": row["best_step"],

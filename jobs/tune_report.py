@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from shards.format import ShardError
+from shards.format import ShardError, read_json_file
 
 UNFINISHED = ("RUNNING", "PENDING", "PAUSED")
 
@@ -33,7 +33,7 @@ def collect(sweep_dir: Path, sweep: dict[str, Any], statuses: dict[str, str]) ->
     rows = []
     for params_file in sorted((sweep_dir / "trials").glob("*/params.json")):
         trial_dir = params_file.parent
-        info = json.loads(params_file.read_text())
+        info = read_json_file(params_file, "delete that trial's directory and re-run the sweep to redo it")
         best = best_step = last = None
         steps, reported = 0, set()
         for row in timeline(trial_dir / "train_log.jsonl"):

@@ -15,6 +15,7 @@ line naming the parameter and the file.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -140,7 +141,7 @@ def check_against_config(space: Space, method: str, config: Path | None = None, 
             try:
                 load_run_config(method, config, list(sets or []) + [override(key, value)])
             except ConfigError as e:
-                msg = str(e).removeprefix("--set: ").removeprefix("--set ")
+                msg = re.sub(r"^(--set:? |command line \([^)]*\): )", "", str(e))
                 if "unknown key" in msg:
                     raise ConfigError(f"{space.path}: params.{key}: not a key of the {method} run config "
                                       f"({msg})") from None

@@ -21,6 +21,8 @@ def _kv(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _workers(n: int | None) -> int:
+    if n is not None and n < 1:
+        raise ShardError(f"--workers {n}: must be >= 1 (or leave it out: the cores, at most 4)")
     return n if n else max(1, min(4, os.cpu_count() or 1))
 
 
@@ -62,6 +64,8 @@ def _write_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     p.add_argument("--workers", type=int, default=None, help="writer processes (default: cores, max 4)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a shard set of another dataset, options, count or seed already in --out")
 
 
 def summary(root: Path) -> str:
@@ -83,7 +87,8 @@ def cmd_build(a: argparse.Namespace) -> int:
     from shards.writer import write_dataset
 
     plan = plan_embedded(a.name, BuildOptions(seed=a.seed, size=a.size, count=a.count, options=_kv(a.opt, "--opt")))
-    write_dataset(plan, a.out, shard_size=a.shard_size, workers=_workers(a.workers), progress=not a.no_progress)
+    write_dataset(plan, a.out, shard_size=a.shard_size, workers=_workers(a.workers), progress=not a.no_progress,
+                  overwrite=a.overwrite)
     print(summary(a.out))
     return 0
 
@@ -96,11 +101,14 @@ def cmd_import(a: argparse.Namespace) -> int:
         raise ShardError(f"unknown dataset {a.name!r}; importers: {', '.join(sorted(IMPORTERS))}")
     if not 0 <= a.val_fraction < 1:
         raise ShardError(f"--val-fraction {a.val_fraction}: must be in [0, 1)")
+    if a.resize is not None and a.resize < 1:
+        raise ShardError(f"--resize {a.resize}: the longest side in px must be >= 1 (or leave it out to keep the originals)")
     opts = ImportOptions(resize=a.resize, seed=a.seed, val_fraction=a.val_fraction, options=_kv(a.opt, "--opt"))
     if a.out.resolve() == a.src.resolve() or a.src.resolve() in a.out.resolve().parents:
         raise ShardError(f"--out {a.out}: must not lie inside --src {a.src}; the source stays read-only")
     plan = plan_import(a.name, a.src, opts)
-    write_dataset(plan, a.out, shard_size=a.shard_size, workers=_workers(a.workers), progress=not a.no_progress)
+    write_dataset(plan, a.out, shard_size=a.shard_size, workers=_workers(a.workers), progress=not a.no_progress,
+                  overwrite=a.overwrite)
     print(summary(a.out))
     return 0
 

@@ -124,7 +124,7 @@ class DatasetMeta:
         try:
             attrs = tuple(AttributeSpec(**a) for a in d.pop("attributes"))
             return cls(attributes=attrs, **d)
-        except (TypeError, KeyError) as e:
+        except (TypeError, KeyError, ValueError) as e:
             raise ShardError(f"{where}: malformed metadata ({e}); rebuild or fix the file") from None
 
 
@@ -254,24 +254,34 @@ def pairs_from_values(keys: list[str], values: list[float | None], attribute: st
     return out
 
 
+def read_json_file(path: Path, fix: str, kind: type = dict) -> Any:
+    """A JSON file attrlab wrote (a manifest, a run's state, metrics): its content, or one ShardError
+    naming the file and `fix` (what to do) when it is unreadable, not JSON or not a `kind`."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardError(f"{path}: missing; {fix}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: unreadable or not valid JSON ({e}); {fix}") from None
+    if not isinstance(value, kind):
+        raise ShardError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, "
+                         f"found {type(value).__name__}; {fix}")
+    return value
+
+
 def read_meta(root: Path) -> DatasetMeta:
     path = Path(root) / META_FILE
     if not path.is_file():
         raise ShardError(f"{path}: missing; is {root} a shard directory? build one with 'attrlab shards build' or 'import'")
-    try:
-        return DatasetMeta.from_json(json.loads(path.read_text()), where=str(path))
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e}); rebuild the shards") from None
+    return DatasetMeta.from_json(read_json_file(path, "rebuild the shards"), where=str(path))
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
     path = Path(root) / MANIFEST_FILE
     if not path.is_file():
         raise ShardError(f"{path}: missing; the shard set is incomplete, re-run the build to finish it")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: not valid JSON ({e}); re-run the build to rewrite it") from None
+    m = read_json_file(path, "re-run the build to rewrite it")
     if m.get("format") != FORMAT_VERSION:
         raise ShardError(f"{path}: format {m.get('format')!r} is not {FORMAT_VERSION!r}; rebuild the shards")
     return m

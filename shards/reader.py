@@ -45,6 +45,15 @@ class LoaderConfig:
     images_per_class: int = 4
     class_field: str = "instance"  # 'instance' or 'category'
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError(f"loader.batch_size must be >= 1 (got {self.batch_size}), loader.num_workers and "
+                             "loader.shuffle_buffer >= 0")
+        if self.classes_per_batch < 1 or self.images_per_class < 1:
+            raise ValueError("loader.classes_per_batch and loader.images_per_class must be >= 1")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"loader.samples_per_epoch must be >= 1 or null, got {self.samples_per_epoch}")
+
 
 def shard_paths(root: Path, split: str, kind: str = "samples") -> tuple[list[Path], int]:
     """The split's shard files (checked to exist) and its sample count, from the manifest."""
@@ -63,6 +72,28 @@ def shard_paths(root: Path, split: str, kind: str = "samples") -> tuple[list[Pat
         if not p.is_file():
             raise ShardError(f"{p}: shard listed in manifest.json is missing; restore it or re-run the build to rewrite it")
     return paths, int(entry["count"])
+
+
+def verify_split(root: Path, split: str) -> None:
+    """Check the split's sample shards (and its pair shards, when there are any) against the
+    manifest's sha256. Training skips corrupt samples with a warning and goes on; an evaluation or
+    an index must not: it would score or index a silently smaller set."""
+    from shards.tario import sha256_file
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    entries = [manifest["splits"].get(split)] + [manifest.get("pair_splits", {}).get(split)]
+    if entries[0] is None:
+        shard_paths(root, split)  # raises the usual "no split" error
+    for entry in (e for e in entries if e):
+        for shard in entry["shards"]:
+            path = root / shard["file"]
+            if not path.is_file():
+                raise ShardError(f"{path}: shard listed in manifest.json is missing; restore it or re-run the build")
+            if sha256_file(path) != shard["sha256"]:
+                raise ShardError(f"{path}: sha256 differs from manifest.json (corrupt or modified), so split {split!r} "
+                                 f"would be scored on part of its samples; restore the file or rebuild the shards "
+                                 f"(`attrlab shards validate {root}` lists every problem)")
 
 
 def iter_samples(root: Path, split: str, kind: str = "samples") -> Iterator[dict[str, Any]]:

@@ -29,6 +29,7 @@ from shards.tario import DeterministicTarWriter, read_at, sha256_file
 log = logging.getLogger(__name__)
 PROGRESS_DIR = ".progress"
 INDEX_DIR = "index"
+PLAN_FILE = "plan.json"  # in PROGRESS_DIR: the plan being written, so a resume can tell it is the same
 INDEX_HEADER = "key\tshard\toffset\tsize\text\tjson_offset\tjson_size\n"
 
 
@@ -167,8 +168,9 @@ class _Pool:
 
 
 def write_dataset(plan: DatasetPlan, out: Path, *, shard_size: int = 1000, pair_shard_size: int | None = None,
-                  workers: int = 1, progress: bool = True) -> dict[str, Any]:
-    """Write (or resume writing) `plan` into `out`; return the manifest."""
+                  workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Write (or resume writing) `plan` into `out`; return the manifest. A shard set of another plan
+    (other dataset, options, count or seed) already in `out` is replaced only with `overwrite`."""
     from tqdm import tqdm
 
     if shard_size < 1:
@@ -178,11 +180,16 @@ def write_dataset(plan: DatasetPlan, out: Path, *, shard_size: int = 1000, pair_
     for split in plan.meta.splits:  # split names become shard and index file names
         plain_name(split, "split name")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out}: is a file; choose a new or empty directory")
     if out.exists() and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
         raise ShardError(f"--out {out}: exists, is not empty and is not an attrlab shard directory; "
                          "choose a new or empty directory")
+    _check_same_plan(out, plan, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
+    _atomic_write(out / PROGRESS_DIR / PLAN_FILE, json.dumps({"name": plan.meta.name,
+                                                             "fingerprint": plan.fingerprint}).encode())
     (out / INDEX_DIR).mkdir(exist_ok=True)
     meta = plan.meta
     meta_json = meta.to_json()
@@ -225,6 +232,11 @@ def write_dataset(plan: DatasetPlan, out: Path, *, shard_size: int = 1000, pair_
         _atomic_write(out / name, data)
     _atomic_write(out / META_FILE, json.dumps(meta_json, indent=1, sort_keys=True).encode())
     _remove_stale(out, written)
+    if plan.pairs is None:  # an earlier plan's pairs would be checksummed into this manifest
+        (out / PAIRS_FILE).unlink(missing_ok=True)
+    for stale in (out / INDEX_DIR).glob("*.tsv"):
+        if stale.stem not in meta.splits:
+            stale.unlink()
     files = {n: sha256_file(out / n) for n in sorted([META_FILE, PAIRS_FILE, *plan.extra_files]) if (out / n).is_file()}
     manifest["files"] = files
     manifest["checksum"] = fingerprint_of(manifest["splits"], manifest["pair_splits"], files)
@@ -266,6 +278,30 @@ def _write_pairs(out: Path, plan: DatasetPlan, index: dict[str, list[Any]], seen
             written.add(rec["file"])
         result[split] = {"count": len(rows), "shards": recs}
     return result
+
+
+def _check_same_plan(out: Path, plan: DatasetPlan, overwrite: bool) -> None:
+    """Resuming the same plan is the normal case; another plan's set is replaced only on request."""
+    if not (out / PROGRESS_DIR).is_dir():
+        return
+    before: dict[str, Any] = {}
+    for f in (out / PROGRESS_DIR / PLAN_FILE, out / MANIFEST_FILE):
+        try:
+            before = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(before, dict) and before.get("fingerprint"):
+            break
+    old = before.get("fingerprint") if isinstance(before, dict) else None
+    if old == plan.fingerprint:
+        return
+    what = (f"shard set {before.get('name')!r} built from another plan (fingerprint {old}; this build: "
+            f"{plan.meta.name!r}, {plan.fingerprint})") if old else "a shard set of unknown origin"
+    if not overwrite:
+        raise ShardError(f"--out {out}: holds {what}: another dataset, options, --count or --seed. Runs trained on "
+                         "it could no longer resume or be evaluated. Choose a new --out, or pass --overwrite to "
+                         "replace it")
+    log.warning("--out %s: replacing %s", out, what)
 
 
 def _remove_stale(out: Path, written: set[str]) -> None:

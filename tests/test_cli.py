@@ -37,6 +37,8 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["shards", "import", "imagenet", "--src", "{tmp}", "--out", "{tmp}/x"], "unknown dataset 'imagenet'"),
     (["shards", "import", "generic", "--src", "{tmp}", "--out", "{tmp}/inside"], "must not lie inside --src"),
     (["shards", "import", "generic", "--src", "{tmp}", "--out", "{tmp}/../o", "--val-fraction", "1.5"], "--val-fraction 1.5"),
+    (["shards", "build", "lfw_subset", "--out", "{tmp}/x", "--workers", "-2"], "--workers -2: must be >= 1"),
+    (["shards", "import", "generic", "--src", "{tmp}", "--out", "{tmp}/../o", "--resize", "-4"], "--resize -4: the longest side"),
     (["shards", "validate", "{tmp}"], "meta.json: missing"),
     (["shards", "info", "{tmp}"], "meta.json: missing"),
 ])

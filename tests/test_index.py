@@ -142,3 +142,78 @@ def test_eval_with_ray_workers_matches_local(ray_session: object, coop_run: Path
             assert (math.isnan(v) and math.isnan(dist[k])) or abs(v - dist[k]) <= 1e-5, k
         else:
             assert v == dist[k], k
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, argv: list[str], message: str) -> None:
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_and_index_refuse_damaged_or_foreign_data_and_keep_what_was_written(
+        coop_run: Path, tiny_attrworld: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from shards.format import read_manifest
+    from shards.writer import write_dataset
+    from tests import toy
+
+    run = tmp_path / "run"
+    shutil.copytree(coop_run, run)
+    assert main(["eval", str(run)]) == 0
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    good = files()
+    data = tmp_path / "data"
+    shutil.copytree(tiny_attrworld, data)
+    shard = data / read_manifest(data)["splits"]["gallery"]["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated: eval would skip half of it
+    _one_line_error(capsys, ["eval", str(run), "--data", str(data), "--split", "gallery"],
+                    f"{shard}: sha256 differs from manifest.json")
+    _one_line_error(capsys, ["index", str(run), "--data", str(data)], "sha256 differs")
+    other = tmp_path / "toy"
+    write_dataset(toy.plan(), other, shard_size=5, progress=False)
+    _one_line_error(capsys, ["eval", str(run), "--data", str(other)], "but the run was trained on 'attrworld'")
+    assert files() == good  # metrics.json and any index of the run untouched
+
+
+def test_a_damaged_checkpoint_is_one_line_and_an_older_damaged_one_is_skipped(
+        coop_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(coop_run, run)
+    latest = sorted((run / "checkpoints").iterdir())[-1]
+    older = run / "checkpoints" / "step_0000001"
+    shutil.copytree(latest, older)
+    (older / "state.json").write_text("{x")  # one damaged old checkpoint must not make the run unreadable
+    assert main(["eval", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["checkpoint"] == str(latest)
+    weights = latest / "export" / "model.safetensors"
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # same size: passes the completeness check
+    _one_line_error(capsys, ["eval", str(run)], "model.safetensors: not a readable safetensors file")
+    _one_line_error(capsys, ["report", str(tmp_path / "missing")], "no such run directory")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_train_out_checks_resume_step_files_and_runs_that_never_checkpointed(
+        coop_run: Path, tiny_attrworld: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(coop_run, run)
+    before = (run / "config.yaml").read_bytes()
+    train = ["train", "coop_embed", "--data", str(tiny_attrworld), "--local", *TINY]
+    _one_line_error(capsys, [*train, "--out", str(run), "--max-steps", "2"],
+                    "schedule.max_steps 2 is below the step of its latest checkpoint (3)")
+    assert (run / "config.yaml").read_bytes() == before
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    _one_line_error(capsys, [*train, "--out", str(afile)], "is a file, not a directory")
+    assert afile.read_text() == "mine"
+    shutil.rmtree(run / "checkpoints")  # a run that crashed before its first checkpoint ...
+    assert main([*train, "--out", str(run), "--set", "optim.lr=0.002", "--max-steps", "1"]) == 0  # ... starts again
+    assert "lr: 0.002" in (run / "config.yaml").read_text()

@@ -95,11 +95,31 @@ def test_interrupted_build_resumes_to_the_same_bytes(tmp_path: Path, monkeypatch
 
 def test_changed_specs_rebuild_and_shrinking_removes_stale_shards(tmp_path: Path) -> None:
     out = tmp_path / "d"
-    write_dataset(toy.plan(n_train=24, pairs=False), out, shard_size=5, progress=False)
-    write_dataset(toy.plan(n_train=9, pairs=False), out, shard_size=5, progress=False)
+    write_dataset(toy.plan(n_train=24, pairs=True), out, shard_size=5, progress=False)
+    write_dataset(toy.plan(n_train=9, pairs=False), out, shard_size=5, progress=False, overwrite=True)
     assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert read_manifest(out)["splits"]["train"]["count"] == 9
     assert not list((out / ".progress").glob("train-000004*"))
+    assert not (out / "pairs.tsv").exists() and "pairs.tsv" not in read_manifest(out)["files"]  # the old plan's
+
+
+def test_another_plan_in_out_is_refused_without_overwrite_and_left_intact(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    write_dataset(toy.plan(n_train=24), out, shard_size=5, progress=False)
+    before = _digests(out)
+    with pytest.raises(ShardError, match=r"another plan .*--overwrite"):
+        write_dataset(toy.plan(n_train=9), out, shard_size=5, progress=False)
+    assert _digests(out) == before
+    write_dataset(toy.plan(n_train=24), out, shard_size=5, progress=False)  # the same plan resumes as before
+    assert _digests(out) == before
+    (out / "manifest.json").unlink()  # an unfinished build of the first plan: still recognised (.progress/plan.json)
+    with pytest.raises(ShardError, match="another plan"):
+        write_dataset(toy.plan(n_train=9), out, shard_size=5, progress=False)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(ShardError, match="is a file"):
+        write_dataset(toy.plan(), afile, shard_size=5, progress=False)
+    assert afile.read_text() == "mine"
 
 
 def test_refuses_a_non_empty_foreign_directory_and_keeps_its_files(tmp_path: Path) -> None:

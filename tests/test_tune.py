@@ -199,3 +199,12 @@ def test_a_sweep_directory_holds_one_sweep(tiny_attrworld: Path, tmp_path: Path,
     assert main(["tune", "stn_ranker", "--data", str(tiny_attrworld), "--out", str(other)]) == 2
     assert "is not an attrlab sweep directory" in capsys.readouterr().err
     assert (other / "x").read_text() == "keep"
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    assert main(["tune", "stn_ranker", "--data", str(tiny_attrworld), "--out", str(afile)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err and afile.read_text() == "keep"
+    for text, message in (("{x", "not valid JSON"), ("{}", "no metric, mode, method"), ("[]", "expected a JSON object")):
+        (out / "sweep.json").write_text(text)
+        assert main(["tune", "best", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "sweep.json" in err and message in err and len(err.strip().splitlines()) == 1, err

@@ -46,4 +46,4 @@ def plan(n_train: int = 24, n_test: int = 10, seed: int = 0, pairs: bool = True,
                 d = a["bright"] - b["bright"]
                 prs.append(Pair(a["key"], b["key"], "bright", "more" if d > 0.05 else "less" if d < -0.05 else "similar", a["split"]))
     return DatasetPlan(meta=META, splits={"train": train, "test": test}, load=load, pairs=prs,
-                       fingerprint=fingerprint_of("toy", seed, extra))
+                       fingerprint=fingerprint_of("toy", seed, n_train, n_test, pairs, extra))
