@@ -136,8 +136,7 @@ def write_export(directory: Path, model: torch.nn.Module, cfg: Any, meta_json: d
 def find_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints under a run directory (local or Ray layout), oldest first."""
     run_dir = Path(run_dir)
-    found = [p.parent for p in run_dir.glob("checkpoints/*/" + STATE)] + [p.parent for p in run_dir.glob("checkpoint_*/" + STATE)]
-    found = [p for p in found if (p / EXPORT / "model.safetensors").is_file() and _usable(p)]
+    found = [p for p in _checkpoint_dirs(run_dir) if (p / EXPORT / "model.safetensors").is_file() and _usable(p)]
     return sorted(found, key=lambda p: read_state(p)["step"])
 
 
@@ -147,8 +146,8 @@ def _usable(directory: Path) -> bool:
     try:
         if is_complete(directory):
             return True
-        log.warning("skipping checkpoint %s: incomplete (a file listed in files-rank*.json is missing or of "
-                    "another size; a worker stopped while writing it, or the file was changed)", directory)
+        # normal while another rank is still copying its files in: latest_export warns users instead
+        log.debug("skipping checkpoint %s: incomplete", directory)
     except ShardError as e:
         log.warning("skipping checkpoint %s: %s", directory, e)
     return False
@@ -181,12 +180,21 @@ def latest_export(run_dir: Path) -> Path:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise ShardError(f"{run_dir}: no such run directory; give the --out of an `attrlab train` run")
-        present = [p.parent for p in run_dir.glob("checkpoints/*/" + STATE)] + [p.parent for p in run_dir.glob("checkpoint_*/" + STATE)]
+        present = _checkpoint_dirs(run_dir)
         if present:
             raise ShardError(f"{run_dir}: its {len(present)} checkpoint(s) are incomplete or corrupt (files missing or "
                              "of the wrong size, or no export); resume training with the same --out to write a new one")
         raise ShardError(f"{run_dir}: no finished checkpoint with an export; train first (attrlab train ... --out {run_dir})")
-    return ckpts[-1] / EXPORT
+    latest = ckpts[-1]
+    newer = sorted(p.name for p in _checkpoint_dirs(Path(run_dir)) if p.parent == latest.parent and p.name > latest.name)
+    if newer:  # say so: evaluating an older step without a word would mislead
+        log.warning("%s: using %s; newer and incomplete or damaged: %s (a file listed in files-rank*.json is "
+                    "missing or of another size, or no export)", run_dir, latest.name, ", ".join(newer))
+    return latest / EXPORT
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return [p.parent for p in run_dir.glob("checkpoints/*/" + STATE)] + [p.parent for p in run_dir.glob("checkpoint_*/" + STATE)]
 
 
 class Reporter(abc.ABC):

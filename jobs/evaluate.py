@@ -40,6 +40,21 @@ def load_export(export: Path) -> tuple[registry.Method, Any, torch.nn.Module, Da
     return method, cfg, model.eval(), meta
 
 
+def check_export_readable(export: Path) -> None:
+    """Open the export's safetensors header and meta.json without building the model: a cheap
+    pre-flight (e.g. before `attrlab serve` starts replicas) that names a damaged file in one line."""
+    from safetensors import safe_open
+
+    fix = f"the export {export} is corrupt: delete its checkpoint directory to fall back to the one before it"
+    read_json_file(export / "meta.json", fix)
+    try:
+        with safe_open(str(export / "model.safetensors"), "pt") as f:
+            if not list(f.keys()):
+                raise ValueError("no tensors")
+    except Exception as e:  # noqa: BLE001 — safetensors raises its own error types for a damaged file
+        raise ShardError(f"{export}/model.safetensors: not a readable safetensors file ({e}); {fix}") from None
+
+
 def load_model_dir(path: Path) -> tuple[registry.Method, Any, torch.nn.Module, DatasetMeta]:
     """load_export of a run directory's latest export, or of an export directory itself."""
     return load_export(path if (path / "model.safetensors").is_file() else latest_export(path))

@@ -41,6 +41,8 @@ SERVE_ENV = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_REQUEST_PATH_LOG_B
 
 def check_args(args: Mapping[str, Any]) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
     """(models with absolute paths, limits) from an application's `args`, checked."""
+    from jobs.checkpoints import latest_export
+    from jobs.evaluate import check_export_readable
     from serve.schemas import Limits
     from serve.services import SERVICE_OF_METHOD, method_of
 
@@ -67,6 +69,8 @@ def check_args(args: Mapping[str, Any]) -> tuple[dict[str, dict[str, str]], dict
             raise ShardError(f"{where}.run: {resolved['run']} does not exist; train it or fix the path")
         try:
             method = method_of(resolved["run"])
+            run = Path(resolved["run"])
+            check_export_readable(run if (run / "model.safetensors").is_file() else latest_export(run))
         except ShardError as e:
             raise ShardError(f"{where}.run: {e}") from None
         if method not in SERVICE_OF_METHOD:

@@ -217,3 +217,21 @@ def test_train_out_checks_resume_step_files_and_runs_that_never_checkpointed(
     shutil.rmtree(run / "checkpoints")  # a run that crashed before its first checkpoint ...
     assert main([*train, "--out", str(run), "--set", "optim.lr=0.002", "--max-steps", "1"]) == 0  # ... starts again
     assert "lr: 0.002" in (run / "config.yaml").read_text()
+
+
+def test_serve_preflight_names_a_damaged_export_before_starting_replicas(coop_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from serve.config import check_args
+    from shards.format import ShardError
+
+    models, _ = check_args({"models": {"shop": {"run": str(coop_run)}}})
+    assert models["shop"]["run"] == str(coop_run.resolve())
+    run = tmp_path / "run"
+    shutil.copytree(coop_run, run)
+    weights = sorted((run / "checkpoints").iterdir())[-1] / "export" / "model.safetensors"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)
+    with pytest.raises(ShardError, match=r"args.models.shop.run: .*model.safetensors: not a readable safetensors"):
+        check_args({"models": {"shop": {"run": str(run)}}})
+    with pytest.raises(ShardError, match=r"args.models.shop.run: .* does not exist"):
+        check_args({"models": {"shop": {"run": str(tmp_path / "nope")}}})

@@ -105,7 +105,9 @@ def _split_identities(seed: int, per_id: list[int], unseen_fraction: float):
     if unseen_fraction > 0:
         n_unseen = max(2, n_unseen)
     if n_id - n_unseen < 2:
-        raise ShardError(f"--opt unseen_fraction={unseen_fraction} leaves fewer than 2 seen identities")
+        raise ShardError(f"{n_id} identities with --opt unseen_fraction={unseen_fraction} leave fewer than 2 seen "
+                         "identities (a small --count makes few identities); raise --count or --opt identities, "
+                         "or lower --opt unseen_fraction")
     perm = np.random.default_rng([int(seed), 21]).permutation(n_id)
     unseen = set(int(i) for i in perm[:n_unseen])
     assign: dict[tuple[int, int], str] = {}
