@@ -108,10 +108,9 @@ def prepare_run_dir(run_dir: Path, method: str, cfg: Any, data: Path) -> None:
             raise ShardError(f"--out {run_dir}: was trained on shards {prev['manifest_checksum']}, --data {data} is "
                              f"{manifest['checksum']}; use a new --out")
     elif saved.is_file():  # a run that never reached a checkpoint (e.g. a bad value crashed it): start afresh
-        prev = (run_dir / "run.json").read_text(errors="replace") if (run_dir / "run.json").is_file() else ""
-        if f'"method": "{method}"' not in prev:
-            raise ShardError(f"--out {run_dir}: holds a run of another method (or a damaged run.json); "
-                             "choose another directory")
+        prev = read_json_file(run_dir / "run.json", "restore it, or train into a new --out")
+        if prev.get("method") != method:
+            raise ShardError(f"--out {run_dir}: holds a {prev.get('method')} run; choose another directory")
         log.warning("--out %s has no checkpoint yet: starting it again with this config", run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ShardError(f"--out {run_dir}: exists and is not an attrlab run directory; choose a new one")

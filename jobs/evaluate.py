@@ -13,7 +13,7 @@ import torch
 from jobs import config as configlib
 from jobs.checkpoints import latest_export, read_state
 from models import registry
-from shards.format import DatasetMeta, ShardError, read_json_file, read_manifest, read_meta
+from shards.format import DatasetMeta, ShardError, read_json_file, read_meta
 from shards.reader import verify_split
 
 
@@ -26,13 +26,12 @@ def load_export(export: Path) -> tuple[registry.Method, Any, torch.nn.Module, Da
     state = read_state(export.parent)
     method = registry.get(state["method"])
     cfg = configlib.load(resolve_config_class(method.name), export / "config.yaml")
-    fix = f"the export {export} is corrupt: delete its checkpoint directory to fall back to the one before it"
-    meta = DatasetMeta.from_json(read_json_file(export / "meta.json", fix), where=str(export / "meta.json"))
+    meta = DatasetMeta.from_json(read_json_file(export / "meta.json", _damaged(export)), where=str(export / "meta.json"))
     model = method.build(cfg.model, meta)
     try:
         weights = load_file(str(export / "model.safetensors"))
     except Exception as e:  # noqa: BLE001 — safetensors raises its own error types for a damaged file
-        raise ShardError(f"{export}/model.safetensors: not a readable safetensors file ({e}); {fix}") from None
+        raise _unreadable_weights(export, e) from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ShardError(f"{export}/model.safetensors: does not match {method.name} "
@@ -45,14 +44,21 @@ def check_export_readable(export: Path) -> None:
     pre-flight (e.g. before `attrlab serve` starts replicas) that names a damaged file in one line."""
     from safetensors import safe_open
 
-    fix = f"the export {export} is corrupt: delete its checkpoint directory to fall back to the one before it"
-    read_json_file(export / "meta.json", fix)
+    read_json_file(export / "meta.json", _damaged(export))
     try:
         with safe_open(str(export / "model.safetensors"), "pt") as f:
             if not list(f.keys()):
                 raise ValueError("no tensors")
     except Exception as e:  # noqa: BLE001 — safetensors raises its own error types for a damaged file
-        raise ShardError(f"{export}/model.safetensors: not a readable safetensors file ({e}); {fix}") from None
+        raise _unreadable_weights(export, e) from None
+
+
+def _damaged(export: Path) -> str:
+    return f"the export {export} is corrupt: delete its checkpoint directory to fall back to the one before it"
+
+
+def _unreadable_weights(export: Path, e: BaseException) -> ShardError:
+    return ShardError(f"{export}/model.safetensors: not a readable safetensors file ({e}); {_damaged(export)}")
 
 
 def load_model_dir(path: Path) -> tuple[registry.Method, Any, torch.nn.Module, DatasetMeta]:
@@ -88,8 +94,7 @@ def check_run_data(meta: DatasetMeta, data: Path, split: str) -> dict[str, Any]:
     if other.name != meta.name:
         raise ShardError(f"{data}: shard set {other.name!r}, but the run was trained on {meta.name!r}; pass --data "
                          f"of a {meta.name!r} shard set (or leave --data out to use the run's own)")
-    verify_split(data, split)
-    return read_manifest(data)
+    return verify_split(data, split)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

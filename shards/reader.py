@@ -74,9 +74,9 @@ def shard_paths(root: Path, split: str, kind: str = "samples") -> tuple[list[Pat
     return paths, int(entry["count"])
 
 
-def verify_split(root: Path, split: str) -> None:
-    """Check the split's sample shards (and its pair shards, when there are any) against the
-    manifest's sha256. Training skips corrupt samples with a warning and goes on; an evaluation or
+def verify_split(root: Path, split: str) -> dict[str, Any]:
+    """The manifest, after checking the split's sample shards (and its pair shards, when there are
+    any) against its sha256. Training skips corrupt samples with a warning and goes on; an evaluation or
     an index must not: it would score or index a silently smaller set."""
     from shards.tario import sha256_file
 
@@ -94,6 +94,7 @@ def verify_split(root: Path, split: str) -> None:
                 raise ShardError(f"{path}: sha256 differs from manifest.json (corrupt or modified), so split {split!r} "
                                  f"would be scored on part of its samples; restore the file or rebuild the shards "
                                  f"(`attrlab shards validate {root}` lists every problem)")
+    return manifest
 
 
 def iter_samples(root: Path, split: str, kind: str = "samples") -> Iterator[dict[str, Any]]:
