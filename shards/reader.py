@@ -167,6 +167,8 @@ class ShardStream(IterableDataset):
         self.root, self.split, self.mode, self.kind, self.batching = Path(root), split, mode, kind, batching
         self.cfg = cfg
         self.paths, self.count = shard_paths(self.root, split, kind)
+        table = read_manifest(self.root)["splits" if kind == "samples" else "pair_splits"][split]
+        self.shard_counts = {s["file"]: int(s["count"]) for s in table["shards"]}  # to count what a truncation loses
         self.decoder = SampleDecoder(read_meta(self.root), augment, train=(mode == "train"))
         r, w = dist_rank_world()
         self.rank = r if rank is None else rank
@@ -217,12 +219,16 @@ class ShardStream(IterableDataset):
     # -- iteration ------------------------------------------------------------------------
     def _raw(self, shards: Iterator[Path] | list[Path], stats: dict[str, int]) -> Iterator[tuple[str, str, dict]]:
         for path in shards:
+            read = 0
             try:
                 for key, files in iter_tar_groups(path):
+                    read += 1
                     yield path.name, key, files
             except TarCorrupt as e:
-                stats["skipped"] += 1
-                log.warning("corrupt shard %s after key %r: %s; skipping the rest of it", path, e.last_key, e.cause)
+                lost = max(1, self.shard_counts.get(path.name, 0) - read)  # every sample the manifest lists after it
+                stats["skipped"] += lost
+                log.warning("corrupt shard %s after key %r: %s; skipping the rest of it (%d samples)", path,
+                            e.last_key, e.cause, lost)
 
     def _decode(self, shard: str, key: str, files: dict, stats: dict[str, int]) -> dict[str, Any] | None:
         if (self.mode == "eval" and self.pair_attributes and self.kind == "pairs"  # train filters before buffering
