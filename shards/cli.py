@@ -108,7 +108,7 @@ def cmd_import(a: argparse.Namespace) -> int:
         raise ShardError(f"--out {a.out}: must not lie inside --src {a.src}; the source stays read-only")
     plan = plan_import(a.name, a.src, opts)
     write_dataset(plan, a.out, shard_size=a.shard_size, workers=_workers(a.workers), progress=not a.no_progress,
-                  overwrite=a.overwrite)
+                  overwrite=a.overwrite, source=str(a.src.resolve()))
     print(summary(a.out))
     return 0
 

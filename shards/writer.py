@@ -168,9 +168,11 @@ class _Pool:
 
 
 def write_dataset(plan: DatasetPlan, out: Path, *, shard_size: int = 1000, pair_shard_size: int | None = None,
-                  workers: int = 1, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+                  workers: int = 1, progress: bool = True, overwrite: bool = False,
+                  source: str | None = None) -> dict[str, Any]:
     """Write (or resume writing) `plan` into `out`; return the manifest. A shard set of another plan
-    (other dataset, options, count or seed) already in `out` is replaced only with `overwrite`."""
+    (other dataset, options, count or seed; for an import, another `source` folder) already in
+    `out` is replaced only with `overwrite`."""
     from tqdm import tqdm
 
     if shard_size < 1:
@@ -185,11 +187,11 @@ def write_dataset(plan: DatasetPlan, out: Path, *, shard_size: int = 1000, pair_
     if out.exists() and any(out.iterdir()) and not (out / PROGRESS_DIR).is_dir():
         raise ShardError(f"--out {out}: exists, is not empty and is not an attrlab shard directory; "
                          "choose a new or empty directory")
-    _check_same_plan(out, plan, overwrite)
+    _check_same_plan(out, plan, overwrite, source)
     out.mkdir(parents=True, exist_ok=True)
     (out / PROGRESS_DIR).mkdir(exist_ok=True)
-    _atomic_write(out / PROGRESS_DIR / PLAN_FILE, json.dumps({"name": plan.meta.name,
-                                                             "fingerprint": plan.fingerprint}).encode())
+    _atomic_write(out / PROGRESS_DIR / PLAN_FILE, json.dumps({"name": plan.meta.name, "fingerprint": plan.fingerprint,
+                                                             "source": source}).encode())
     (out / INDEX_DIR).mkdir(exist_ok=True)
     meta = plan.meta
     meta_json = meta.to_json()
@@ -280,7 +282,7 @@ def _write_pairs(out: Path, plan: DatasetPlan, index: dict[str, list[Any]], seen
     return result
 
 
-def _check_same_plan(out: Path, plan: DatasetPlan, overwrite: bool) -> None:
+def _check_same_plan(out: Path, plan: DatasetPlan, overwrite: bool, source: str | None) -> None:
     """Resuming the same plan is the normal case; another plan's set is replaced only on request."""
     if not (out / PROGRESS_DIR).is_dir():
         return
@@ -293,7 +295,14 @@ def _check_same_plan(out: Path, plan: DatasetPlan, overwrite: bool) -> None:
         if isinstance(before, dict) and before.get("fingerprint"):
             break
     old = before.get("fingerprint") if isinstance(before, dict) else None
-    if old == plan.fingerprint:
+    old_source = before.get("source") if isinstance(before, dict) else None
+    if old == plan.fingerprint and (old_source is None or source is None or old_source == source):
+        return
+    if old == plan.fingerprint:  # same importer and options, another source folder
+        if not overwrite:
+            raise ShardError(f"--out {out}: holds {plan.meta.name!r} imported from {old_source}, not {source}. Choose "
+                             "a new --out, or pass --overwrite to replace it")
+        log.warning("--out %s: replacing the import from %s", out, old_source)
         return
     what = (f"shard set {before.get('name')!r} built from another plan (fingerprint {old}; this build: "
             f"{plan.meta.name!r}, {plan.fingerprint})") if old else "a shard set of unknown origin"

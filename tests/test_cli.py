@@ -118,3 +118,10 @@ def test_import_generic_end_to_end_and_rerun_resumes(capsys: pytest.CaptureFixtu
     labels = {r["key"]: r["label"] for r in iter_samples(out, "test")}
     assert sorted(v["attributes"]["smile"] for v in labels.values()) == [0.4, 0.5]
     assert (src / "labels.csv").read_text().startswith("path,split")  # the source is untouched
+    import shutil
+
+    other = tmp_path / "copy" / "photos"  # the same importer, name and options, another folder: not a resume
+    shutil.copytree(src, other)
+    code, _, err = run(capsys, "shards", "import", "generic", "--src", str(other), "--out", str(out), "--no-progress")
+    assert code == 2 and f"imported from {src.resolve()}" in err and "--overwrite" in err, err
+    assert (out / "train-000000.tar").stat().st_ino == before
