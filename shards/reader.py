@@ -57,8 +57,13 @@ class LoaderConfig:
 
 def shard_paths(root: Path, split: str, kind: str = "samples") -> tuple[list[Path], int]:
     """The split's shard files (checked to exist) and its sample count, from the manifest."""
+    entry = split_entry(read_manifest(root), root, split, kind)
+    return [Path(root) / s["file"] for s in entry["shards"]], int(entry["count"])
+
+
+def split_entry(manifest: dict[str, Any], root: Path, split: str, kind: str = "samples") -> dict[str, Any]:
+    """The manifest's entry for a split ({count, shards: [{file, count, sha256}]}), its shards checked to exist."""
     root = Path(root)
-    manifest = read_manifest(root)
     table = manifest["splits"] if kind == "samples" else manifest.get("pair_splits", {})
     if split not in table:
         have = sorted(k for k, v in table.items() if v["count"])
@@ -67,11 +72,11 @@ def shard_paths(root: Path, split: str, kind: str = "samples") -> tuple[list[Pat
     entry = table[split]
     if not entry["count"]:
         raise ShardError(f"{root}/manifest.json: {kind} split {split!r} is empty; choose another split or rebuild with samples in it")
-    paths = [root / s["file"] for s in entry["shards"]]
-    for p in paths:
-        if not p.is_file():
-            raise ShardError(f"{p}: shard listed in manifest.json is missing; restore it or re-run the build to rewrite it")
-    return paths, int(entry["count"])
+    for s in entry["shards"]:
+        if not (root / s["file"]).is_file():
+            raise ShardError(f"{root / s['file']}: shard listed in manifest.json is missing; restore it or re-run the "
+                             "build to rewrite it")
+    return entry
 
 
 def verify_split(root: Path, split: str) -> dict[str, Any]:
@@ -82,14 +87,12 @@ def verify_split(root: Path, split: str) -> dict[str, Any]:
 
     root = Path(root)
     manifest = read_manifest(root)
-    entries = [manifest["splits"].get(split)] + [manifest.get("pair_splits", {}).get(split)]
-    if entries[0] is None:
-        shard_paths(root, split)  # raises the usual "no split" error
-    for entry in (e for e in entries if e):
+    entries = [split_entry(manifest, root, split)]
+    if split in manifest.get("pair_splits", {}):
+        entries.append(split_entry(manifest, root, split, "pairs"))
+    for entry in entries:
         for shard in entry["shards"]:
             path = root / shard["file"]
-            if not path.is_file():
-                raise ShardError(f"{path}: shard listed in manifest.json is missing; restore it or re-run the build")
             if sha256_file(path) != shard["sha256"]:
                 raise ShardError(f"{path}: sha256 differs from manifest.json (corrupt or modified), so split {split!r} "
                                  f"would be scored on part of its samples; restore the file or rebuild the shards "
@@ -166,9 +169,9 @@ class ShardStream(IterableDataset):
             raise ShardError(f"data.class_field {cfg.class_field!r}: expected 'instance' or 'category'")
         self.root, self.split, self.mode, self.kind, self.batching = Path(root), split, mode, kind, batching
         self.cfg = cfg
-        self.paths, self.count = shard_paths(self.root, split, kind)
-        table = read_manifest(self.root)["splits" if kind == "samples" else "pair_splits"][split]
-        self.shard_counts = {s["file"]: int(s["count"]) for s in table["shards"]}  # to count what a truncation loses
+        entry = split_entry(read_manifest(self.root), self.root, split, kind)
+        self.paths, self.count = [self.root / s["file"] for s in entry["shards"]], int(entry["count"])
+        self.shard_counts = {s["file"]: int(s["count"]) for s in entry["shards"]}  # to count what a truncation loses
         self.decoder = SampleDecoder(read_meta(self.root), augment, train=(mode == "train"))
         r, w = dist_rank_world()
         self.rank = r if rank is None else rank

@@ -294,22 +294,20 @@ def _check_same_plan(out: Path, plan: DatasetPlan, overwrite: bool, source: str 
             continue
         if isinstance(before, dict) and before.get("fingerprint"):
             break
-    old = before.get("fingerprint") if isinstance(before, dict) else None
-    old_source = before.get("source") if isinstance(before, dict) else None
-    if old == plan.fingerprint and (old_source is None or source is None or old_source == source):
+    before = before if isinstance(before, dict) else {}
+    old, old_source = before.get("fingerprint"), before.get("source")
+    if old == plan.fingerprint and (old_source == source or None in (old_source, source)):
         return
-    if old == plan.fingerprint:  # same importer and options, another source folder
-        if not overwrite:
-            raise ShardError(f"--out {out}: holds {plan.meta.name!r} imported from {old_source}, not {source}. Choose "
-                             "a new --out, or pass --overwrite to replace it")
-        log.warning("--out %s: replacing the import from %s", out, old_source)
-        return
-    what = (f"shard set {before.get('name')!r} built from another plan (fingerprint {old}; this build: "
-            f"{plan.meta.name!r}, {plan.fingerprint})") if old else "a shard set of unknown origin"
+    if not old:
+        what = "a shard set of unknown origin"
+    elif old == plan.fingerprint:  # the same importer and options, another source folder
+        what = f"{plan.meta.name!r} imported from {old_source}, not {source}"
+    else:
+        what = (f"shard set {before.get('name')!r} built from another plan (fingerprint {old}; this build: "
+                f"{plan.meta.name!r}, {plan.fingerprint}): another dataset, options, --count or --seed")
     if not overwrite:
-        raise ShardError(f"--out {out}: holds {what}: another dataset, options, --count or --seed. Runs trained on "
-                         "it could no longer resume or be evaluated. Choose a new --out, or pass --overwrite to "
-                         "replace it")
+        raise ShardError(f"--out {out}: holds {what}. Runs trained on it could no longer resume or be evaluated. "
+                         "Choose a new --out, or pass --overwrite to replace it")
     log.warning("--out %s: replacing %s", out, what)
 
 
